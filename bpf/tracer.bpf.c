@@ -1,0 +1,234 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * tracer_exporter: per-process counts of kmalloc, kfree, schedule, up,
+ * down_interruptible, mutex_lock and mutex_unlock, and the bytes that
+ * kmalloc handed out and kfree gave back.
+ *
+ * BCC dialect. Sizes arrive as -D flags so the program is compiled once;
+ * the set of tracked processes is a map, never a recompile:
+ *   MAX_TRACKED   tracked processes (the limit the control API enforces)
+ *   MAX_ALLOCS    live allocations of tracked processes we remember
+ *   MAX_INFLIGHT  threads of tracked processes inside kmalloc at once
+ */
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+#include <linux/sched/signal.h>
+
+/* Keep in step with tracer_exporter/counters.py. */
+struct counters {
+	u64 kmalloc_calls;
+	u64 kmalloc_bytes;
+	u64 kfree_calls;
+	u64 kfree_bytes;
+	u64 schedule_calls;
+	u64 up_calls;
+	u64 down_calls;
+	u64 lock_calls;
+	u64 unlock_calls;
+};
+
+/* A kmalloc between entry and return: what was asked, and where the stack was. */
+struct inflight {
+	u64 size;
+	u64 sp;
+};
+
+/* Keep in step with tracer_exporter/bpf_maps.py. */
+enum stat {
+	STAT_ALLOC_ENTRIES,
+	STAT_ALLOC_INSERT_FAILURES,
+	STAT_INFLIGHT_INSERT_FAILURES,
+	STAT_COUNT,
+};
+
+#ifndef THREAD_SIZE
+#define THREAD_SIZE (PAGE_SIZE << 2)
+#endif
+
+/* ZERO_SIZE_PTR and NULL: kmalloc answered without memory. */
+#define ZERO_OR_NULL(addr) ((addr) <= 16)
+
+/* Key: tgid, the user-space pid. Sized by the tracked-process limit. */
+BPF_HASH(tracked, u32, struct counters, MAX_TRACKED);
+/* Key: address. Bounded; a full map is counted, never fatal. */
+BPF_HASH(allocs, u64, u64, MAX_ALLOCS);
+/* Key: pid_tgid, so each thread pairs its own entry and return. */
+BPF_HASH(inflight, u64, struct inflight, MAX_INFLIGHT);
+/* Per-CPU so hot paths never contend; user space sums the CPUs. */
+BPF_PERCPU_ARRAY(stats, s64, STAT_COUNT);
+
+static __always_inline void stat_add(int idx, s64 delta)
+{
+	s64 *v = stats.lookup(&idx);
+
+	if (v)
+		*v += delta;
+}
+
+/*
+ * Interrupts and softirqs run on their own stacks and borrow whatever task
+ * is current: their work is not the task's. A probe hit counts only when
+ * the probed function runs on the current task's own stack. Called after
+ * the tracked lookup, so untracked processes never pay for it.
+ */
+static __always_inline bool on_task_stack(struct pt_regs *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	u64 base = (u64)task->stack;
+	u64 sp = PT_REGS_SP(ctx);
+
+	return sp >= base && sp < base + THREAD_SIZE;
+}
+
+static __always_inline struct counters *current_counters(struct pt_regs *ctx)
+{
+	/* tgid is the user-space pid: all threads share one row. */
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct counters *c = tracked.lookup(&tgid);
+
+	if (c && !on_task_stack(ctx))
+		return NULL;
+	return c;
+}
+
+/*
+ * kmalloc entry points nest: __kmalloc calls kmalloc_order_trace (5.x) and
+ * __kmalloc_noprof calls __kmalloc_large_node_noprof (6.11+). Only the
+ * outermost call counts. A nested call enters with a lower stack pointer
+ * than the call in flight, so it is ignored; an entry at the same or a
+ * higher stack pointer replaces a stale record whose return was missed.
+ */
+static __always_inline int kmalloc_enter(struct pt_regs *ctx, u64 size)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32;
+	u64 sp = PT_REGS_SP(ctx);
+	struct inflight rec = {};
+	struct inflight *cur;
+
+	if (!tracked.lookup(&tgid) || !on_task_stack(ctx))
+		return 0;
+	cur = inflight.lookup(&id);
+	if (cur && cur->sp > sp)
+		return 0;
+	rec.size = size;
+	rec.sp = sp;
+	if (inflight.update(&id, &rec))
+		stat_add(STAT_INFLIGHT_INSERT_FAILURES, 1);
+	return 0;
+}
+
+int kmalloc_enter_arg1(struct pt_regs *ctx)
+{
+	return kmalloc_enter(ctx, PT_REGS_PARM1(ctx));
+}
+
+int kmalloc_enter_arg3(struct pt_regs *ctx)
+{
+	return kmalloc_enter(ctx, PT_REGS_PARM3(ctx));
+}
+
+int kmalloc_enter_arg4(struct pt_regs *ctx)
+{
+	return kmalloc_enter(ctx, PT_REGS_PARM4(ctx));
+}
+
+static __always_inline void remember_alloc(u64 addr, u64 size)
+{
+	int err = allocs.insert(&addr, &size);
+
+	if (!err) {
+		stat_add(STAT_ALLOC_ENTRIES, 1);
+		return;
+	}
+	/* Already known: it was freed by a path we do not see. */
+	if (err == -EEXIST && !allocs.update(&addr, &size))
+		return;
+	stat_add(STAT_ALLOC_INSERT_FAILURES, 1);
+}
+
+int kmalloc_return(struct pt_regs *ctx)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32;
+	u64 addr = PT_REGS_RC(ctx);
+	struct inflight *rec;
+	struct counters *c;
+	u64 size;
+
+	/* Only tracked threads have records: one lookup for everyone else. */
+	rec = inflight.lookup(&id);
+	if (!rec || !on_task_stack(ctx))
+		return 0;
+	/* A nested call returns at or below the outer call's entry stack. */
+	if (PT_REGS_SP(ctx) <= rec->sp)
+		return 0;
+	size = rec->size;
+	inflight.delete(&id);
+	c = tracked.lookup(&tgid);
+	if (!c)
+		return 0;
+	__sync_fetch_and_add(&c->kmalloc_calls, 1);
+	if (ZERO_OR_NULL(addr))
+		return 0;
+	__sync_fetch_and_add(&c->kmalloc_bytes, size);
+	remember_alloc(addr, size);
+	return 0;
+}
+
+int kfree_enter(struct pt_regs *ctx)
+{
+	u64 addr = PT_REGS_PARM1(ctx);
+	struct counters *c = current_counters(ctx);
+	u64 *size;
+
+	if (c)
+		__sync_fetch_and_add(&c->kfree_calls, 1);
+	if (ZERO_OR_NULL(addr))
+		return 0;
+	/* Any process's kfree retires the address, so no entry goes stale. */
+	size = allocs.lookup(&addr);
+	if (!size)
+		return 0;
+	if (c)
+		__sync_fetch_and_add(&c->kfree_bytes, *size);
+	if (!allocs.delete(&addr))
+		stat_add(STAT_ALLOC_ENTRIES, -1);
+	return 0;
+}
+
+/* Entry probes only: a task sleeping in schedule() would pin a kretprobe. */
+#define COUNT_CALLS(name, field)				\
+int name(struct pt_regs *ctx)					\
+{								\
+	struct counters *c = current_counters(ctx);		\
+								\
+	if (c)							\
+		__sync_fetch_and_add(&c->field, 1);		\
+	return 0;						\
+}
+
+COUNT_CALLS(schedule_enter, schedule_calls)
+COUNT_CALLS(up_enter, up_calls)
+COUNT_CALLS(down_interruptible_enter, down_calls)
+COUNT_CALLS(mutex_lock_enter, lock_calls)
+COUNT_CALLS(mutex_unlock_enter, unlock_calls)
+
+/*
+ * Fires once per exiting thread. signal->live reaches zero only when the
+ * last thread of the group has gone, so one thread's exit keeps the row.
+ */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32;
+	struct task_struct *task;
+
+	if (!tracked.lookup(&tgid))
+		return 0;
+	inflight.delete(&id);
+	task = (struct task_struct *)bpf_get_current_task();
+	if (task->signal->live.counter == 0)
+		tracked.delete(&tgid);
+	return 0;
+}

@@ -1,0 +1,277 @@
+"""The exporter against a real kernel: exact counts from the workload module.
+
+Each test drives kernel threads (or a process) of tests/workload/ to make a
+known number of calls, and checks /tracer and /metrics against both the
+module's own tally and what the request asked for.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from workload import expected
+
+pytestmark = pytest.mark.guest
+
+# /tracer columns after PID, and the metric each one is published as.
+COLUMNS = (
+    ("kmalloc", "tracer_kmalloc_calls_total"),
+    ("kfree", "tracer_kfree_calls_total"),
+    ("kmalloc_bytes", "tracer_kmalloc_bytes_total"),
+    ("kfree_bytes", "tracer_kfree_bytes_total"),
+    ("sched", "tracer_schedule_calls_total"),
+    ("up", "tracer_up_calls_total"),
+    ("down", "tracer_down_interruptible_calls_total"),
+    ("lock", "tracer_mutex_lock_calls_total"),
+    ("unlock", "tracer_mutex_unlock_calls_total"),
+)
+
+OPS = {
+    "kmalloc_runtime_size": "kmalloc:10:100 kfree:all",
+    "kmalloc_const_size": "kmalloc_const:7 kfree:all",
+    "kzalloc": "kzalloc:5:64 kfree:all",
+    "kmalloc_node": "kmalloc_node:4:300 kfree:all",
+    "kmalloc_node_const": "kmalloc_node_const:3 kfree:all",
+    "kmalloc_over_8k_runtime": "kmalloc:3:20000 kfree:all",
+    "kmalloc_over_8k_const": "kmalloc_const_large:2 kfree:all",
+    "kmemdup": "kmemdup:6:50 kfree:all",
+    "kmalloc_zero": "kmalloc:4:0 kfree:all",
+    "kmalloc_failing": "kmalloc_fail:3",
+    "kfree_some": "kmalloc:8:128 kfree:5",
+    "kfree_null": "kfree_null:9",
+    "schedule": "schedule:25",
+    "up_down": "updown:17",
+    "mutex": "mutex:13",
+    "everything": "kmalloc:11:96 kmalloc_const:2 kzalloc:3:40 kmalloc_node:2:512 kmemdup:1:33 "
+    "kmalloc:1:16384 kfree:9 kfree_null:2 schedule:6 updown:5 mutex:4",
+}
+
+
+def row_of(tally) -> list[int]:
+    return [getattr(tally, name) for name, _ in COLUMNS]
+
+
+def metrics_row(metrics, pid: int, comm: str) -> list[float]:
+    labels = frozenset({("pid", str(pid)), ("comm", comm)})
+    return [metrics.get((metric, labels)) for _, metric in COLUMNS]
+
+
+def alloc_entries(exporter) -> float:
+    return exporter.metrics()[("tracer_alloc_map_entries", frozenset())]
+
+
+def missed(exporter) -> float:
+    m = exporter.metrics()
+    return sum(v for (name, _), v in m.items() if name == "tracer_probe_missed_total")
+
+
+def run_kthread(exporter, workload, ops: str):
+    """Spawn, track, run and wait for a kernel thread; returns (pid, tally)."""
+    pid = workload.spawn(ops)
+    exporter.track(pid)
+    workload.start(pid)
+    return pid, workload.wait(pid, 30000)
+
+
+@pytest.mark.parametrize("ops", OPS.values(), ids=OPS.keys())
+def test_exact_counts_in_tracer_and_metrics(exporter, workload, ops):
+    baseline_allocs = alloc_entries(exporter)
+    pid, tally = run_kthread(exporter, workload, ops)
+    try:
+        want = expected(ops)
+        # The module did what was asked (schedule: plus its own waits, which it counts).
+        for name, _ in COLUMNS:
+            if name != "sched":
+                assert getattr(tally, name) == getattr(want, name), name
+        assert tally.sched >= want.sched
+        row = exporter.tracer()[pid]
+        assert row == row_of(tally)
+        assert metrics_row(exporter.metrics(), pid, exporter.comm(pid)) == row_of(tally)
+        assert alloc_entries(exporter) == baseline_allocs + tally.held
+    finally:
+        workload.stop(pid)
+    # Exit drops the row and its series; whatever it still held was freed
+    # by another (untracked) process and leaves the address map too.
+    assert pid not in exporter.tracer()
+    assert all(("pid", str(pid)) not in labels for (_, labels) in exporter.metrics())
+    assert alloc_entries(exporter) == baseline_allocs
+    assert missed(exporter) == 0
+
+
+def test_32_kernel_threads_at_once_are_exact(exporter, workload):
+    ops = [f"kmalloc:{200 + i}:64 kmalloc:{i + 1}:16384 kfree:all mutex:{128 + i} updown:{512 + i}" for i in range(32)]
+    pids = [workload.spawn(o) for o in ops]
+    try:
+        for pid in pids:
+            exporter.track(pid)
+        for pid in pids:
+            workload.start(pid)
+        tallies = [workload.wait(pid, 60000) for pid in pids]
+        rows = exporter.tracer()
+        for i, (pid, tally) in enumerate(zip(pids, tallies)):
+            assert tally.kmalloc == 200 + i + i + 1
+            assert tally.kmalloc_bytes == (200 + i) * 64 + (i + 1) * 16384
+            assert tally.lock == 128 + i and tally.up == 512 + i
+            assert rows[pid] == row_of(tally), f"thread {i} (pid {pid})"
+    finally:
+        for pid in pids:
+            workload.stop(pid)
+    assert missed(exporter) == 0
+    assert not set(pids) & set(exporter.tracer())
+
+
+def test_delete_drops_the_row_and_stops_counting(exporter, workload):
+    pid, tally = run_kthread(exporter, workload, "updown:3")
+    try:
+        assert exporter.tracer()[pid] == row_of(tally)
+        assert exporter.request("DELETE", f"/pids/{pid}")[0] == 200
+        assert pid not in exporter.tracer()
+        assert all(("pid", str(pid)) not in labels for (_, labels) in exporter.metrics())
+        assert exporter.request("DELETE", f"/pids/{pid}")[0] == 404
+    finally:
+        workload.stop(pid)
+
+
+def test_untracked_work_is_not_counted(exporter, workload):
+    untracked = workload.spawn("kmalloc:50:64 kfree:all mutex:50")
+    pid, tally = run_kthread(exporter, workload, "mutex:2")
+    try:
+        workload.start(untracked)
+        workload.wait(untracked, 30000)
+        assert untracked not in exporter.tracer()
+        assert exporter.tracer()[pid] == row_of(tally)
+    finally:
+        workload.stop(untracked)
+        workload.stop(pid)
+
+
+# A process with four threads, each making up()/down_interruptible() calls of
+# its own through the module. Nothing else in a process calls those two, so
+# the process's row must hold the exact sum.
+THREADED_WORKER = textwrap.dedent(
+    """
+    import os, sys, threading
+    fds = [os.open("/dev/tracer_workload", os.O_RDWR) for _ in range(4)]
+    go = [threading.Event() for _ in range(4)]
+    def work(i):
+        go[i].wait()
+        os.write(fds[i], b"run updown:%d" % (100 + i))
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "go":
+            i = int(cmd[1]); go[i].set(); threads[i].join()
+            print("done", i, flush=True)
+        elif cmd[0] == "exit":
+            break
+    """
+)
+
+
+def test_threads_share_one_row_that_survives_a_thread_exit(exporter, workload):
+    worker = subprocess.Popen(
+        [sys.executable, "-c", THREADED_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert worker.stdout.readline().strip() == "ready"
+        exporter.track(worker.pid)
+        for i in range(4):
+            worker.stdin.write(f"go {i}\n")
+            worker.stdin.flush()
+            assert worker.stdout.readline().split() == ["done", str(i)]
+            # Thread i has exited; the process is still one row, still counted.
+            rows = exporter.tracer()
+            up, down = rows[worker.pid][5], rows[worker.pid][6]
+            assert (up, down) == (sum(100 + j for j in range(i + 1)),) * 2
+        assert [p for p in exporter.tracer() if p == worker.pid] == [worker.pid]
+        worker.stdin.write("exit\n")
+        worker.stdin.flush()
+        assert worker.wait(30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+    # The last thread's exit drops it.
+    assert worker.pid not in exporter.tracer()
+
+
+def test_process_exit_drops_the_row(exporter):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        exporter.track(sleeper.pid)
+        assert sleeper.pid in exporter.tracer()
+        assert [e["comm"] for e in exporter.pids() if e["pid"] == sleeper.pid] == ["sleep"]
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+    assert sleeper.pid not in exporter.tracer()
+
+
+def test_control_errors(exporter):
+    assert exporter.request("POST", "/pids/abc")[0] == 400
+    assert exporter.request("POST", "/pids/0")[0] == 400
+    assert exporter.request("POST", "/pids/4194304")[0] == 404
+    assert exporter.request("DELETE", "/pids/4194304")[0] == 404
+    assert exporter.request("GET", "/-/ready")[0] == 200
+    assert exporter.request("GET", "/-/healthy")[0] == 200
+
+
+def test_probes_attached_on_this_kernel(exporter):
+    m = exporter.metrics()
+    attached = {
+        (dict(labels)["function"], dict(labels)["symbol"]): v
+        for (name, labels), v in m.items()
+        if name == "tracer_probe_attached"
+    }
+    assert {f for f, _ in attached} == {
+        "kmalloc",
+        "kfree",
+        "schedule",
+        "up",
+        "down_interruptible",
+        "mutex_lock",
+        "mutex_unlock",
+    }
+    assert all(v == 1 for v in attached.values()), attached
+    kallsyms = {line.split()[2] for line in Path("/proc/kallsyms").read_text().splitlines() if len(line.split()) == 3}
+    assert {s for _, s in attached} <= kallsyms
+
+
+def test_check_prints_a_symbol_for_every_function():
+    out = subprocess.run(["tracer-exporter", "--check"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(None, 1) for line in out.stdout.splitlines()[1:])
+    assert set(lines) == {"kmalloc", "kfree", "schedule", "up", "down_interruptible", "mutex_lock", "mutex_unlock"}
+    assert lines["kfree"].strip() == "kfree"
+    assert "MISSING" not in out.stdout
+
+
+def test_sigterm_detaches_everything(tmp_path):
+    from conftest import Exporter
+
+    config = tmp_path / "c.yaml"
+    sleeper = subprocess.Popen(["sleep", "120"])
+    try:
+        config.write_text(f"pids: [{sleeper.pid}]\n")
+        exp = Exporter("--config.file", str(config), log_name="sigterm")
+        exp.wait_ready()
+        # The config's pid is tracked from the start.
+        assert sleeper.pid in exp.tracer()
+        events = Path("/sys/kernel/tracing/kprobe_events").read_text()
+        assert f"_bcc_{exp.proc.pid}" in events  # return probes live in tracefs while running
+        started = time.monotonic()
+        assert exp.stop() == 0, exp.log()
+        assert time.monotonic() - started < 60
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+    events = Path("/sys/kernel/tracing/kprobe_events").read_text()
+    assert f"_bcc_{exp.proc.pid}" not in events, events

@@ -1,0 +1,102 @@
+from tracer_exporter.symbols import FUNCTION_NAMES, parse_kallsyms, resolve
+
+BASE = {"kfree", "schedule", "up", "down_interruptible", "mutex_unlock"}
+LINUX_5_10 = BASE | {
+    "mutex_lock",
+    "__kmalloc",
+    "kmem_cache_alloc_trace",
+    "kmalloc_order_trace",
+    "__kmalloc_node",
+    "kmem_cache_alloc_node_trace",
+    "__kmalloc_track_caller",
+}
+LINUX_6_1 = BASE | {
+    "mutex_lock",
+    "__kmalloc",
+    "kmalloc_trace",
+    "kmalloc_large",
+    "__kmalloc_node",
+    "kmalloc_node_trace",
+    "kmalloc_large_node",
+    "__kmalloc_node_track_caller",
+}
+LINUX_6_12 = BASE | {
+    "mutex_lock",
+    "__kmalloc_noprof",
+    "__kmalloc_cache_noprof",
+    "__kmalloc_node_noprof",
+    "__kmalloc_cache_node_noprof",
+    "__kmalloc_large_noprof",
+    "__kmalloc_large_node_noprof",
+    "__kmalloc_node_track_caller_noprof",
+    "krealloc_noprof",
+}
+
+
+def handlers(plan, function):
+    return {p.symbol: (p.entry_handler, p.return_handler) for p in plan.probes if p.function == function}
+
+
+def test_6_12_kmalloc_symbols_and_size_positions():
+    plan = resolve(LINUX_6_12)
+    assert plan.missing == ()
+    assert handlers(plan, "kmalloc") == {
+        "__kmalloc_noprof": ("kmalloc_enter_arg1", "kmalloc_return"),
+        "__kmalloc_node_noprof": ("kmalloc_enter_arg1", "kmalloc_return"),
+        "__kmalloc_node_track_caller_noprof": ("kmalloc_enter_arg1", "kmalloc_return"),
+        "__kmalloc_cache_noprof": ("kmalloc_enter_arg3", "kmalloc_return"),
+        "__kmalloc_cache_node_noprof": ("kmalloc_enter_arg4", "kmalloc_return"),
+        "__kmalloc_large_noprof": ("kmalloc_enter_arg1", "kmalloc_return"),
+        "__kmalloc_large_node_noprof": ("kmalloc_enter_arg1", "kmalloc_return"),
+    }
+
+
+def test_6_1_and_5_10_kmalloc_symbols():
+    assert set(handlers(resolve(LINUX_6_1), "kmalloc")) == LINUX_6_1 - BASE - {"mutex_lock"}
+    h = handlers(resolve(LINUX_5_10), "kmalloc")
+    assert set(h) == LINUX_5_10 - BASE - {"mutex_lock"}
+    assert h["kmem_cache_alloc_trace"][0] == "kmalloc_enter_arg3"
+    assert h["kmem_cache_alloc_node_trace"][0] == "kmalloc_enter_arg4"
+
+
+def test_other_functions_have_entry_probes_only():
+    plan = resolve(LINUX_6_1)
+    for name in FUNCTION_NAMES[1:]:
+        (probe,) = [p for p in plan.probes if p.function == name]
+        assert probe.return_handler == ""
+        assert probe.entry_handler == f"{name}_enter"
+
+
+def test_lockdep_kernel_probes_both_nested_variants():
+    have = (LINUX_6_1 - {"mutex_lock"}) | {"mutex_lock_nested", "_mutex_lock_nest_lock"}
+    plan = resolve(have)
+    assert plan.symbols_of("mutex_lock") == ["mutex_lock_nested", "_mutex_lock_nest_lock"]
+    assert plan.missing == ()
+
+
+def test_plain_mutex_lock_wins_over_nested():
+    plan = resolve(LINUX_6_1 | {"mutex_lock_nested"})
+    assert plan.symbols_of("mutex_lock") == ["mutex_lock"]
+
+
+def test_missing_function_is_reported_and_others_proceed():
+    plan = resolve(LINUX_6_1 - {"up"})
+    assert plan.missing == ("up",)
+    assert plan.symbols_of("kfree") == ["kfree"]
+
+
+def test_override_replaces_candidates():
+    plan = resolve(LINUX_6_1, {"up": ["no_such_symbol"], "kfree": ["kfree"]})
+    assert plan.missing == ("up",)
+    assert plan.symbols_of("kfree") == ["kfree"]
+
+
+def test_parse_kallsyms_keeps_core_text_symbols():
+    text = (
+        "ffffffff81000000 T _stext\n"
+        "ffffffff81234560 T __kmalloc\n"
+        "ffffffff81234570 t kmalloc_large\n"
+        "ffffffff82000000 D some_data\n"
+        "ffffffffc0000000 t helper\t[tracer_workload]\n"
+    )
+    assert parse_kallsyms(text) == {"_stext", "__kmalloc", "kmalloc_large"}

@@ -1,0 +1,206 @@
+import io
+import json
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+from fakes import FakeBackend, FakeProcesses, proc
+from prometheus_client import CollectorRegistry
+
+from tracer_exporter.collector import TracerCollector
+from tracer_exporter.counters import Counts
+from tracer_exporter.health import Attachment, Health
+from tracer_exporter.tracking import Tracker
+from tracer_exporter.web import App, client_allowed, parse_networks
+
+
+class Client:
+    def __init__(self, app):
+        self.app = app
+
+    def request(self, method, path, remote="127.0.0.1", headers=None):
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "REMOTE_ADDR": remote, "wsgi.input": io.BytesIO()}
+        environ.update(headers or {})
+        setup_testing_defaults(environ)
+        out = {}
+
+        def start_response(status, hdrs, exc_info=None):
+            out["status"] = int(status.split()[0])
+            out["headers"] = dict(hdrs)
+
+        body = b"".join(self.app(environ, start_response))
+        return out["status"], out["headers"], body
+
+
+@pytest.fixture
+def setup():
+    backend = FakeBackend(limit=2)
+    tracker = Tracker(FakeProcesses(proc(100, "alpha"), proc(200, "beta"), proc(300), proc(101, tgid=100)))
+    health = Health(
+        attachments=[Attachment("kmalloc", "__kmalloc", True), Attachment("up", "up", False, "boom")],
+        missed={"kmalloc": 4},
+        alloc_entries=7,
+        alloc_insert_failures=1,
+    )
+    problems: list[str] = []
+    registry = CollectorRegistry()
+    registry.register(TracerCollector(tracker.rows, lambda: health, "9.9", "6.1.0-test"))
+    app = App(tracker, registry, lambda: problems)
+    tracker.attach_backend(backend)
+    return Client(app), backend, registry, problems
+
+
+def test_post_delete_cycle(setup):
+    client, backend, _, _ = setup
+    status, headers, body = client.request("POST", "/pids/100")
+    assert (status, json.loads(body)) == (201, {"pid": 100, "tracked": True, "created": True})
+    assert headers["Content-Type"] == "application/json"
+    assert client.request("POST", "/pids/100")[0] == 200
+    assert client.request("DELETE", "/pids/100")[0] == 200
+    status, _, body = client.request("DELETE", "/pids/100")
+    assert (status, json.loads(body)["error"]) == (404, "pid 100 is not tracked")
+
+
+@pytest.mark.parametrize("pid", ["abc", "-1", "0", "1e3", "", "99999999999"])
+def test_malformed_pid_is_400(setup, pid):
+    client, backend, _, _ = setup
+    status, _, body = client.request("POST", f"/pids/{pid}")
+    assert status == 400
+    assert json.loads(body)["error"]
+    assert backend.maps == {}
+
+
+def test_errors(setup):
+    client, backend, _, _ = setup
+    assert client.request("POST", "/pids/4000")[0] == 404
+    status, _, body = client.request("POST", "/pids/101")
+    assert status == 400
+    assert "thread of process 100" in json.loads(body)["error"]
+    client.request("POST", "/pids/100")
+    client.request("POST", "/pids/200")
+    status, _, body = client.request("POST", "/pids/300")
+    assert status == 409
+    assert "limit of 2 tracked processes" in json.loads(body)["error"]
+    assert set(backend.maps) == {100, 200}
+
+
+def test_control_is_loopback_only(setup):
+    client, backend, _, _ = setup
+    status, _, body = client.request("POST", "/pids/100", remote="10.0.2.2")
+    assert status == 403
+    assert "10.0.2.2" in json.loads(body)["error"]
+    assert client.request("POST", "/pids/100", remote="::1")[0] == 201
+    assert client.request("GET", "/tracer", remote="10.0.2.2")[0] == 200
+
+
+def test_client_allowed():
+    nets = parse_networks(["127.0.0.0/8", "::1/128"])
+    assert client_allowed("127.0.0.5", nets)
+    assert client_allowed("::ffff:127.0.0.1", nets)
+    assert not client_allowed("192.0.2.1", nets)
+    assert not client_allowed("garbage", nets)
+
+
+def test_wrong_method_405_with_allow(setup):
+    client, _, _, _ = setup
+    status, headers, _ = client.request("GET", "/pids/100")
+    assert (status, headers["Allow"]) == (405, "POST, DELETE")
+    status, headers, _ = client.request("POST", "/tracer")
+    assert (status, headers["Allow"]) == (405, "GET, HEAD")
+    assert client.request("PUT", "/metrics")[0] == 405
+
+
+def test_unknown_paths_404(setup):
+    client, _, _, _ = setup
+    assert client.request("POST", "/pids/../metrics")[0] == 404
+    assert client.request("GET", "/nope")[0] == 404
+
+
+def test_tracer_table_and_pids(setup):
+    client, backend, _, _ = setup
+    client.request("POST", "/pids/200")
+    client.request("POST", "/pids/100")
+    backend.maps[100] = Counts(1, 2, 3, 4, 5, 6, 7, 8, 9)
+    status, headers, body = client.request("GET", "/tracer")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    lines = body.decode().splitlines()
+    assert lines[0].split() == [
+        "PID",
+        "kmalloc",
+        "kfree",
+        "kmalloc_mem",
+        "kfree_mem",
+        "sched",
+        "up",
+        "down",
+        "lock",
+        "unlock",
+    ]
+    assert [line.split() for line in lines[1:]] == [
+        ["100", "1", "3", "2", "4", "5", "6", "7", "8", "9"],
+        ["200", "0", "0", "0", "0", "0", "0", "0", "0", "0"],
+    ]
+    doc = json.loads(client.request("GET", "/pids")[2])
+    assert [(d["pid"], d["comm"], d["counters"]["kfree_bytes"]) for d in doc] == [(100, "alpha", 4), (200, "beta", 0)]
+
+
+def test_health_and_ready(setup):
+    client, _, _, problems = setup
+    assert client.request("GET", "/-/healthy")[0] == 200
+    assert client.request("GET", "/-/ready")[0] == 200
+    problems.append("compiling")
+    status, _, body = client.request("GET", "/-/ready")
+    assert (status, b"compiling" in body) == (503, True)
+
+
+def test_metrics(setup):
+    client, backend, registry, _ = setup
+    client.request("POST", "/pids/100")
+    backend.maps[100] = Counts(1, 2, 3, 4, 5, 6, 7, 8, 9)
+    labels = {"pid": "100", "comm": "alpha"}
+    expected = {
+        "tracer_kmalloc_calls_total": 1,
+        "tracer_kmalloc_bytes_total": 2,
+        "tracer_kfree_calls_total": 3,
+        "tracer_kfree_bytes_total": 4,
+        "tracer_schedule_calls_total": 5,
+        "tracer_up_calls_total": 6,
+        "tracer_down_interruptible_calls_total": 7,
+        "tracer_mutex_lock_calls_total": 8,
+        "tracer_mutex_unlock_calls_total": 9,
+    }
+    for name, value in expected.items():
+        assert registry.get_sample_value(name, labels) == value, name
+    assert registry.get_sample_value("tracer_tracked_processes") == 1
+    assert registry.get_sample_value("tracer_probe_attached", {"function": "kmalloc", "symbol": "__kmalloc"}) == 1
+    assert registry.get_sample_value("tracer_probe_attached", {"function": "up", "symbol": "up"}) == 0
+    assert registry.get_sample_value("tracer_probe_missed_total", {"function": "kmalloc"}) == 4
+    assert registry.get_sample_value("tracer_alloc_map_entries") == 7
+    assert registry.get_sample_value("tracer_alloc_map_insert_failures_total") == 1
+    assert registry.get_sample_value("tracer_build_info", {"version": "9.9", "kernel": "6.1.0-test"}) == 1
+    # The process leaves: so do its series.
+    del backend.maps[100]
+    assert registry.get_sample_value("tracer_kmalloc_calls_total", labels) is None
+
+
+def test_metrics_route_negotiates_openmetrics(setup):
+    client, _, _, _ = setup
+    status, headers, body = client.request("GET", "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    assert b"# TYPE tracer_kmalloc_calls_total counter" in body
+    status, headers, body = client.request(
+        "GET", "/metrics", headers={"HTTP_ACCEPT": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+
+
+def test_a_failing_part_does_not_take_metrics_down():
+    def broken():
+        raise OSError("map read failed")
+
+    registry = CollectorRegistry()
+    registry.register(TracerCollector(broken, lambda: Health(alloc_entries=3), "1", "k"))
+    assert registry.get_sample_value("tracer_alloc_map_entries") == 3
+    assert registry.get_sample_value("tracer_scrape_errors_total", {"part": "processes"}) >= 1

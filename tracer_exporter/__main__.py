@@ -1,0 +1,3 @@
+from tracer_exporter.cli import main
+
+raise SystemExit(main())

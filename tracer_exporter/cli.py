@@ -1,0 +1,198 @@
+"""tracer-exporter: flags, start-up order, signals. The wiring, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import signal
+import sys
+import threading
+from types import FrameType
+
+from prometheus_client import CollectorRegistry
+
+from tracer_exporter import __version__
+from tracer_exporter.collector import TracerCollector
+from tracer_exporter.config import Config, ConfigError, load_config
+from tracer_exporter.health import Health, unattached
+from tracer_exporter.procfs import ProcFS
+from tracer_exporter.server import HTTPServer
+from tracer_exporter.symbols import FUNCTION_NAMES, Plan, read_kallsyms, resolve
+from tracer_exporter.tracking import Tracker
+from tracer_exporter.web import App, parse_networks
+
+log = logging.getLogger("tracer_exporter")
+
+DEFAULT_LISTEN = ":9867"
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tracer-exporter",
+        description="Prometheus exporter of per-process kernel work: kmalloc, kfree, schedule, "
+        "up, down_interruptible, mutex_lock and mutex_unlock.",
+    )
+    p.add_argument("--config.file", dest="config_file", metavar="PATH", help="YAML config (default: none)")
+    p.add_argument(
+        "--web.listen-address",
+        dest="listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"address for /metrics, /tracer and the control API (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--log.level",
+        dest="log_level",
+        default="info",
+        choices=("debug", "info", "warn", "error"),
+        help="logging level (default info)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config, print the kernel symbol each function would be probed at, and exit",
+    )
+    p.add_argument("--version", action="version", version=f"tracer-exporter {__version__}")
+    # For debugging: the BPF program exactly as it would be compiled.
+    p.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def plan_for(config: Config) -> Plan:
+    return resolve(read_kallsyms(), config.symbol_overrides)
+
+
+def check(config: Config) -> int:
+    plan = plan_for(config)
+    print(f"kernel {platform.release()}")
+    for name in FUNCTION_NAMES:
+        symbols = plan.symbols_of(name)
+        print(f"{name:<20} {' '.join(symbols) if symbols else 'MISSING: no known symbol on this kernel'}")
+    return 1 if plan.missing else 0
+
+
+def print_ebpf(config: Config) -> int:
+    from tracer_exporter.probes import bpf_source_path, cflags
+
+    print("// cflags: " + " ".join(cflags(config)))
+    print(bpf_source_path().read_text(), end="")
+    return 0
+
+
+class Exporter:
+    """The running exporter: HTTP first, then the probes, then the config's pids."""
+
+    def __init__(self, config: Config, config_path: str | None, listen: str) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.tracker = Tracker(ProcFS())
+        self.probes = None
+        self.loading = "compiling and attaching the BPF program"
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(TracerCollector(self.tracker.rows, self.health, __version__, platform.release()))
+        app = App(self.tracker, registry, self.not_ready, parse_networks(config.control_allowed_networks))
+        self.server = HTTPServer(listen, app)
+
+    def health(self) -> Health | None:
+        return self.probes.health() if self.probes is not None else None
+
+    def not_ready(self) -> list[str]:
+        if self.probes is None:
+            return [self.loading]
+        return unattached(self.probes.health().attachments, FUNCTION_NAMES)
+
+    def load_probes(self) -> None:
+        from tracer_exporter.probes import KernelProbes
+
+        plan = plan_for(self.config)
+        for name in plan.missing:
+            log.warning("no kernel symbol for %s on this kernel: it is not counted", name)
+        probes = KernelProbes(self.config, plan)
+        probes.load()
+        attachments = probes.attach()
+        self.probes = probes
+        self.tracker.attach_backend(probes)
+        ok = sum(a.attached for a in attachments)
+        log.info("attached %d of %d probes", ok, len(attachments))
+
+    def sync_config_pids(self) -> None:
+        for warning in self.tracker.sync_config(self.config.pids):
+            log.warning("%s", warning)
+
+    def reload(self) -> None:
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("config reload failed, keeping the running config:\n%s", e)
+            return
+        for key in ("max_tracked_processes", "alloc_map_entries", "kretprobe_maxactive", "symbol_overrides"):
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("config reload: %s changes only on restart", key)
+        if new.control_allowed_networks != self.config.control_allowed_networks:
+            log.warning("config reload: control.allowed_networks changes only on restart")
+        self.config = new
+        self.sync_config_pids()
+        log.info("config reloaded from %s", self.config_path)
+
+    def close(self) -> None:
+        self.server.stop()
+        if self.probes is not None:
+            self.probes.close()
+            self.probes = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = {"warn": "WARNING"}.get(args.log_level, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config_file)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.ebpf:
+        return print_ebpf(config)
+    if args.check:
+        return check(config)
+    return serve(config, args.config_file, args.listen)
+
+
+def serve(config: Config, config_path: str | None, listen: str) -> int:
+    wake = threading.Event()
+    pending: set[int] = set()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        pending.add(signum)
+        wake.set()
+
+    # Handlers before anything is attached, so a signal never skips the cleanup.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    try:
+        exporter = Exporter(config, config_path, listen)
+    except (OSError, ValueError) as e:
+        log.error("cannot listen on %s: %s", listen, e)
+        return 1
+    exporter.server.start()
+    log.info("listening on %s", listen)
+    try:
+        try:
+            exporter.load_probes()
+        except Exception as e:
+            log.error("%s", e)
+            return 1
+        exporter.sync_config_pids()
+        log.info("ready")
+        while not pending & {signal.SIGTERM, signal.SIGINT}:
+            # Sleeps until a signal arrives: no polling between scrapes.
+            wake.wait()
+            wake.clear()
+            if signal.SIGHUP in pending:
+                pending.discard(signal.SIGHUP)
+                exporter.reload()
+    finally:
+        exporter.close()
+    log.info("stopped; every probe detached")
+    return 0

@@ -1,0 +1,108 @@
+"""The Prometheus collector: fresh metric families from the maps on every scrape."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from tracer_exporter.counters import FIELDS, Row
+from tracer_exporter.health import Health
+
+log = logging.getLogger(__name__)
+
+
+class TracerCollector:
+    def __init__(
+        self,
+        rows: Callable[[], list[Row]],
+        health: Callable[[], Health | None],
+        version: str,
+        kernel: str,
+    ) -> None:
+        self._rows = rows
+        self._health = health
+        self._version = version
+        self._kernel = kernel
+        self._errors: dict[str, int] = {"processes": 0, "probes": 0}
+
+    def describe(self) -> Iterator[Metric]:
+        # Registering must never touch kernel maps: describe from empty families.
+        yield from self._process_families()
+        yield from self._health_families(Health())
+        yield from self._self_families(0.0)
+
+    def collect(self) -> Iterator[Metric]:
+        start = time.perf_counter()
+        # One failing part is logged and counted; the rest is still served.
+        try:
+            yield from self._process_families(self._rows())
+        except Exception:
+            log.exception("reading the tracked processes failed")
+            self._errors["processes"] += 1
+        try:
+            health = self._health()
+            if health is not None:
+                yield from self._health_families(health)
+        except Exception:
+            log.exception("reading probe health failed")
+            self._errors["probes"] += 1
+        yield from self._self_families(time.perf_counter() - start)
+
+    def _process_families(self, rows: list[Row] | None = None) -> Iterator[Metric]:
+        rows = rows or []
+        for f in FIELDS:
+            fam = CounterMetricFamily(f.metric, f.help, labels=("pid", "comm"), unit=f.unit)
+            for r in rows:
+                fam.add_metric((str(r.pid), r.comm), getattr(r.counts, f.name))
+            yield fam
+        tracked = GaugeMetricFamily("tracer_tracked_processes", "Processes being tracked.")
+        tracked.add_metric((), len(rows))
+        yield tracked
+
+    def _health_families(self, h: Health) -> Iterator[Metric]:
+        attached = GaugeMetricFamily(
+            "tracer_probe_attached",
+            "1 when the function's probe is attached at this kernel symbol, 0 when attaching failed.",
+            labels=("function", "symbol"),
+        )
+        for a in h.attachments:
+            attached.add_metric((a.function, a.symbol), 1 if a.attached else 0)
+        yield attached
+        missed = CounterMetricFamily(
+            "tracer_probe_missed",
+            "Return-probe events the kernel dropped (kretprobe maxactive exhausted).",
+            labels=("function",),
+        )
+        for function, n in sorted(h.missed.items()):
+            missed.add_metric((function,), n)
+        yield missed
+        entries = GaugeMetricFamily(
+            "tracer_alloc_map_entries", "Live kmalloc blocks of tracked processes whose size is remembered."
+        )
+        entries.add_metric((), h.alloc_entries)
+        yield entries
+        failures = CounterMetricFamily(
+            "tracer_alloc_map_insert_failures",
+            "Allocations not remembered because the address map was full; their kfree adds no bytes.",
+        )
+        failures.add_metric((), h.alloc_insert_failures)
+        yield failures
+
+    def _self_families(self, duration: float) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "tracer_build_info", "The exporter's version and the kernel it runs on.", labels=("version", "kernel")
+        )
+        info.add_metric((self._version, self._kernel), 1)
+        yield info
+        errors = CounterMetricFamily(
+            "tracer_scrape_errors", "Scrape-time failures reading a part of the state.", labels=("part",)
+        )
+        for part, n in sorted(self._errors.items()):
+            errors.add_metric((part,), n)
+        yield errors
+        took = GaugeMetricFamily("tracer_scrape_duration_seconds", "Time this scrape spent reading the maps.")
+        took.add_metric((), duration)
+        yield took

@@ -1,0 +1,30 @@
+"""What the kernel side reports about itself: attach results and map health."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Attachment:
+    function: str
+    symbol: str
+    attached: bool
+    error: str = ""
+
+
+@dataclass
+class Health:
+    attachments: list[Attachment] = field(default_factory=list)
+    missed: dict[str, int] = field(default_factory=dict)  # function -> missed return events
+    alloc_entries: int = 0
+    alloc_insert_failures: int = 0
+    inflight_insert_failures: int = 0
+
+
+def unattached(attachments: list[Attachment], functions: tuple[str, ...]) -> list[str]:
+    """What keeps the exporter from being ready: failed probes and bare functions."""
+    problems = [f"{a.function} at {a.symbol}: {a.error}" for a in attachments if not a.attached]
+    covered = {a.function for a in attachments if a.attached}
+    problems += [f"{name}: no probe attached" for name in functions if name not in covered]
+    return problems

@@ -1,0 +1,188 @@
+"""The tracked set: which processes are counted, and why each one is.
+
+The kernel map is the truth about what is tracked (the kernel drops a process
+when its last thread exits); this module keeps what the kernel cannot: the
+comm at the time tracking began and whether the config or the API asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tracer_exporter.counters import Counts, Row
+from tracer_exporter.procfs import ProcessInfo
+
+log = logging.getLogger(__name__)
+
+# PID_MAX_LIMIT on 64-bit kernels: no pid is ever larger.
+PID_MAX_LIMIT = 1 << 22
+
+SOURCE_API = "api"
+SOURCE_CONFIG = "config"
+
+
+class Backend(Protocol):
+    """The kernel side of tracking (the BPF maps)."""
+
+    def track(self, pid: int) -> bool:
+        """Start counting pid; False when it was tracked already. Raises LimitReached."""
+
+    def untrack(self, pid: int) -> bool:
+        """Stop counting pid; False when it was not tracked."""
+
+    def read_all(self) -> dict[int, Counts]:
+        """Every tracked pid with its counters."""
+
+
+class Processes(Protocol):
+    def process(self, pid: int) -> ProcessInfo | None: ...
+
+
+class TrackError(Exception):
+    """A request the tracked set refuses; `status` is the HTTP status for it."""
+
+    status = 400
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class BadPid(TrackError):
+    status = 400
+
+
+class NotAProcess(TrackError):
+    """A thread id that is not its process's id."""
+
+    status = 400
+
+
+class NoSuchProcess(TrackError):
+    status = 404
+
+
+class NotTracked(TrackError):
+    status = 404
+
+
+class LimitReached(TrackError):
+    status = 409
+
+
+class NotReady(TrackError):
+    status = 503
+
+
+def parse_pid(text: str) -> int:
+    """A pid from a URL segment or config: decimal digits, 1..PID_MAX_LIMIT."""
+    if not text:
+        raise BadPid("empty pid: expected a process id such as 1234")
+    if not (text.isascii() and text.isdigit()):
+        raise BadPid(f"malformed pid {text!r}: expected a positive decimal integer")
+    if len(text) > 12 or int(text) > PID_MAX_LIMIT:
+        raise BadPid(f"pid {text} is out of range: pids run from 1 to {PID_MAX_LIMIT}")
+    pid = int(text)
+    if pid == 0:
+        raise BadPid("pid 0 is the idle task and cannot be tracked")
+    return pid
+
+
+@dataclass
+class _Meta:
+    comm: str
+    start_time: int
+    sources: set[str] = field(default_factory=set)
+
+
+class Tracker:
+    """Adds, removes and lists tracked processes; safe across HTTP threads."""
+
+    def __init__(self, processes: Processes) -> None:
+        self._processes = processes
+        self._backend: Backend | None = None
+        self._meta: dict[int, _Meta] = {}
+        self._lock = threading.Lock()
+
+    def attach_backend(self, backend: Backend) -> None:
+        """The kernel side is ready: requests are served from now on."""
+        with self._lock:
+            self._backend = backend
+
+    def _ready_backend(self) -> Backend:
+        if self._backend is None:
+            raise NotReady("the probes are not attached yet; see /-/ready")
+        return self._backend
+
+    def _live_process(self, pid: int) -> ProcessInfo:
+        info = self._processes.process(pid)
+        if info is None or info.exited:
+            raise NoSuchProcess(f"no process with pid {pid}", pid)
+        if info.tgid != pid:
+            raise NotAProcess(
+                f"pid {pid} is a thread of process {info.tgid}; track {info.tgid} to count all its threads",
+                pid,
+            )
+        return info
+
+    def add(self, pid: int, source: str = SOURCE_API) -> bool:
+        """Track pid; True when newly tracked, False when it already was."""
+        with self._lock:
+            backend = self._ready_backend()
+            info = self._live_process(pid)
+            created = backend.track(pid)
+            if created:
+                # It may have exited between the look and the insert, and then
+                # no exit event would ever remove it.
+                again = self._processes.process(pid)
+                if again is None or again.exited or again.start_time != info.start_time:
+                    backend.untrack(pid)
+                    raise NoSuchProcess(f"process {pid} exited while being tracked", pid)
+                self._meta[pid] = _Meta(info.comm, info.start_time)
+            meta = self._meta.setdefault(pid, _Meta(info.comm, info.start_time))
+            meta.sources.add(source)
+            return created
+
+    def remove(self, pid: int) -> None:
+        with self._lock:
+            backend = self._ready_backend()
+            self._meta.pop(pid, None)
+            if not backend.untrack(pid):
+                raise NotTracked(f"pid {pid} is not tracked", pid)
+
+    def rows(self) -> list[Row]:
+        """Tracked processes sorted by pid; forgets those the kernel dropped."""
+        with self._lock:
+            if self._backend is None:
+                return []
+            counts = self._backend.read_all()
+            for gone in self._meta.keys() - counts.keys():
+                del self._meta[gone]
+            return [Row(pid, self._meta[pid].comm if pid in self._meta else "", c) for pid, c in sorted(counts.items())]
+
+    def sync_config(self, pids: Iterable[int]) -> list[str]:
+        """Make the config's pids tracked and drop those it no longer lists.
+
+        Returns one warning per pid that could not be tracked; the rest proceed.
+        A pid also added through the API stays when the config drops it.
+        """
+        wanted = set(pids)
+        warnings: list[str] = []
+        for pid in sorted(wanted):
+            try:
+                self.add(pid, SOURCE_CONFIG)
+            except TrackError as e:
+                warnings.append(f"config pid {pid}: {e}")
+        with self._lock:
+            dropped = [pid for pid, meta in self._meta.items() if SOURCE_CONFIG in meta.sources and pid not in wanted]
+            for pid in dropped:
+                meta = self._meta[pid]
+                meta.sources.discard(SOURCE_CONFIG)
+                if not meta.sources and self._backend is not None:
+                    self._backend.untrack(pid)
+                    del self._meta[pid]
+        return warnings

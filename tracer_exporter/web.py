@@ -1,0 +1,168 @@
+"""HTTP routes: /metrics, /tracer, the /pids control API and health checks.
+
+A plain WSGI application, so it is tested without sockets and served by
+any WSGI server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from tracer_exporter import render
+from tracer_exporter.config import LOOPBACK
+from tracer_exporter.tracking import Tracker, TrackError, parse_pid
+
+log = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+
+_PID_PATH = re.compile(r"^/pids/([^/]*)$")
+
+LANDING = b"""<!doctype html>
+<html><head><title>tracer_exporter</title></head><body>
+<h1>tracer_exporter</h1>
+<ul>
+<li><a href="metrics">/metrics</a>: Prometheus metrics</li>
+<li><a href="tracer">/tracer</a>: the tracked processes as a table</li>
+<li><a href="pids">/pids</a>: the tracked processes as JSON</li>
+<li><a href="-/ready">/-/ready</a>: 200 once every probe is attached</li>
+</ul></body></html>
+"""
+
+
+class Response(Exception):
+    """A reply decided early; raised from inside a handler."""
+
+    def __init__(self, status: str, body: bytes, content_type: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = list(headers)
+
+
+def json_response(status: str, doc: object, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    return Response(status, json.dumps(doc).encode() + b"\n", "application/json", headers)
+
+
+def json_error(status: str, message: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    return json_response(status, {"error": message}, headers)
+
+
+_STATUS = {
+    200: "200 OK",
+    201: "201 Created",
+    400: "400 Bad Request",
+    403: "403 Forbidden",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    409: "409 Conflict",
+    500: "500 Internal Server Error",
+    503: "503 Service Unavailable",
+}
+
+
+def parse_networks(specs: Iterable[str]) -> list[Any]:
+    return [ipaddress.ip_network(s, strict=False) for s in specs]
+
+
+def client_allowed(remote: str, networks: Sequence[Any]) -> bool:
+    try:
+        addr = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return False
+    # An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d.
+    mapped = getattr(addr, "ipv4_mapped", None)
+    if mapped is not None:
+        addr = mapped
+    return any(addr.version == n.version and addr in n for n in networks)
+
+
+class App:
+    """The exporter's WSGI application."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        registry: CollectorRegistry,
+        not_ready: Callable[[], list[str]],
+        control_networks: Sequence[Any] | None = None,
+    ) -> None:
+        self.tracker = tracker
+        self.not_ready = not_ready
+        self.control_networks = list(control_networks) if control_networks is not None else parse_networks(LOOPBACK)
+        self._metrics = make_wsgi_app(registry)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "") or "/"
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            if path == "/metrics":
+                self._allow(method, ("GET", "HEAD"))
+                return self._metrics(environ, start_response)
+            reply = self._route(method, path, environ)
+        except Response as r:
+            reply = r
+        except Exception:
+            log.exception("error serving %s %s", method, path)
+            reply = json_error(_STATUS[500], "internal error; see the exporter's log")
+        headers = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body)))]
+        start_response(reply.status, headers + reply.headers)
+        return [b"" if method == "HEAD" else reply.body]
+
+    @staticmethod
+    def _allow(method: str, allowed: Sequence[str]) -> None:
+        if method not in allowed:
+            raise json_error(_STATUS[405], f"method {method} is not allowed here", [("Allow", ", ".join(allowed))])
+
+    def _route(self, method: str, path: str, environ: dict[str, Any]) -> Response:
+        if path == "/":
+            self._allow(method, ("GET", "HEAD"))
+            return Response(_STATUS[200], LANDING, "text/html; charset=utf-8")
+        if path == "/tracer":
+            self._allow(method, ("GET", "HEAD"))
+            table = render.tracer_table(self.tracker.rows())
+            return Response(_STATUS[200], table.encode(), "text/plain; charset=utf-8")
+        if path == "/pids":
+            self._allow(method, ("GET", "HEAD"))
+            return Response(_STATUS[200], render.pids_json(self.tracker.rows()), "application/json")
+        if path == "/-/healthy":
+            self._allow(method, ("GET", "HEAD"))
+            return Response(_STATUS[200], b"Healthy\n", "text/plain; charset=utf-8")
+        if path == "/-/ready":
+            self._allow(method, ("GET", "HEAD"))
+            problems = self.not_ready()
+            if problems:
+                body = "Not ready:\n" + "".join(f"  {p}\n" for p in problems)
+                return Response(_STATUS[503], body.encode(), "text/plain; charset=utf-8")
+            return Response(_STATUS[200], b"Ready\n", "text/plain; charset=utf-8")
+        match = _PID_PATH.match(path)
+        if match:
+            return self._pid(method, match.group(1), environ)
+        raise json_error(_STATUS[404], f"no such route: {path}")
+
+    def _pid(self, method: str, text: str, environ: dict[str, Any]) -> Response:
+        self._allow(method, ("POST", "DELETE"))
+        remote = environ.get("REMOTE_ADDR", "")
+        if not client_allowed(remote, self.control_networks):
+            raise json_error(_STATUS[403], f"control requests from {remote} are not allowed")
+        try:
+            pid = parse_pid(text)
+            if method == "POST":
+                created = self.tracker.add(pid)
+                status = 201 if created else 200
+                return json_response(_STATUS[status], {"pid": pid, "tracked": True, "created": created})
+            self.tracker.remove(pid)
+            return json_response(_STATUS[200], {"pid": pid, "tracked": False})
+        except TrackError as e:
+            doc: dict[str, object] = {"error": str(e)}
+            if e.pid is not None:
+                doc["pid"] = e.pid
+            return json_response(_STATUS[e.status], doc)
