@@ -25,7 +25,14 @@ struct counters {
 	u64 down_calls;
 	u64 lock_calls;
 	u64 unlock_calls;
+	u32 parent;		/* tgid it was forked from when followed, else 0 */
+	u32 flags;		/* TRACK_* */
+	char comm[TASK_COMM_LEN];	/* set for followed children and on exit */
 };
+
+/* Keep in step with tracer_exporter/probes.py. */
+#define TRACK_FOLLOW	1	/* new child processes are tracked too */
+#define TRACK_KEEP	2	/* on exit, move the counters to exited */
 
 /* A kmalloc between entry and return: what was asked, and where the stack was. */
 struct inflight {
@@ -38,6 +45,8 @@ enum stat {
 	STAT_ALLOC_ENTRIES,
 	STAT_ALLOC_INSERT_FAILURES,
 	STAT_INFLIGHT_INSERT_FAILURES,
+	STAT_FOLLOW_DROPPED,
+	STAT_EXITED_INSERT_FAILURES,
 	STAT_COUNT,
 };
 
@@ -54,6 +63,12 @@ BPF_HASH(tracked, u32, struct counters, MAX_TRACKED);
 BPF_HASH(allocs, u64, u64, MAX_ALLOCS);
 /* Key: pid_tgid, so each thread pairs its own entry and return. */
 BPF_HASH(inflight, u64, struct inflight, MAX_INFLIGHT);
+/* Final counters of TRACK_KEEP processes, until `run` reads them. */
+BPF_HASH(exited, u32, struct counters, MAX_TRACKED);
+/* Children not tracked because the map was full, per parent tgid. */
+BPF_HASH(follow_dropped, u32, u64, 1024);
+/* Tells user space the first time a parent loses a child to the limit. */
+BPF_PERF_OUTPUT(follow_drop_events);
 /* Per-CPU so hot paths never contend; user space sums the CPUs. */
 BPF_PERCPU_ARRAY(stats, s64, STAT_COUNT);
 
@@ -224,11 +239,63 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u32 tgid = id >> 32;
 	struct task_struct *task;
 
-	if (!tracked.lookup(&tgid))
+	struct counters *c = tracked.lookup(&tgid);
+
+	if (!c)
 		return 0;
 	inflight.delete(&id);
 	task = (struct task_struct *)bpf_get_current_task();
-	if (task->signal->live.counter == 0)
-		tracked.delete(&tgid);
+	if (task->signal->live.counter != 0)
+		return 0;
+	if (c->flags & TRACK_KEEP) {
+		bpf_get_current_comm(&c->comm, sizeof(c->comm));
+		if (exited.update(&tgid, c))
+			stat_add(STAT_EXITED_INSERT_FAILURES, 1);
+	}
+	tracked.delete(&tgid);
+	return 0;
+}
+
+static __always_inline void follow_drop(struct bpf_raw_tracepoint_args *ctx, u32 parent)
+{
+	u64 one = 1;
+	u64 *n;
+
+	stat_add(STAT_FOLLOW_DROPPED, 1);
+	n = follow_dropped.lookup(&parent);
+	if (n) {
+		__sync_fetch_and_add(n, 1);
+		return;
+	}
+	/* Only the first drop per parent wakes user space: a fork bomb cannot flood it. */
+	if (!follow_dropped.insert(&parent, &one))
+		follow_drop_events.perf_submit(ctx, &parent, sizeof(parent));
+}
+
+/*
+ * A followed process's new children are tracked from their creation, here
+ * in the kernel, so nothing they do is missed while user space catches up.
+ * fork runs in the parent. A raw tracepoint, because only the child's
+ * task_struct tells a new process from a new thread, which joins its
+ * process's row by itself.
+ */
+RAW_TRACEPOINT_PROBE(sched_process_fork)
+{
+	struct task_struct *task = (struct task_struct *)ctx->args[1];
+	u32 parent = bpf_get_current_pid_tgid() >> 32;
+	struct counters *pc = tracked.lookup(&parent);
+	struct counters child = {};
+	u32 tgid = 0;
+
+	if (!pc || !(pc->flags & TRACK_FOLLOW))
+		return 0;
+	bpf_probe_read_kernel(&tgid, sizeof(tgid), &task->tgid);
+	if (tgid == parent)
+		return 0;
+	child.parent = parent;
+	child.flags = pc->flags;
+	bpf_get_current_comm(&child.comm, sizeof(child.comm));
+	if (tracked.insert(&tgid, &child))
+		follow_drop(ctx, parent);
 	return 0;
 }

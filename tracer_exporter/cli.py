@@ -118,7 +118,7 @@ class Exporter:
         log.info("attached %d of %d probes", ok, len(attachments))
 
     def sync_config_pids(self) -> None:
-        for warning in self.tracker.sync_config(self.config.pids):
+        for warning in self.tracker.sync_config(self.config.pids, self.config.follow_pids):
             log.warning("%s", warning)
 
     def reload(self) -> None:
@@ -144,6 +144,11 @@ class Exporter:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        from tracer_exporter.run import main as run_main
+
+        return run_main(argv[1:])
     args = build_parser().parse_args(argv)
     level = {"warn": "WARNING"}.get(args.log_level, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,6 +14,20 @@ from tracer_exporter.health import Health
 log = logging.getLogger(__name__)
 
 
+def process_families(rows: list[Row]) -> Iterator[Metric]:
+    """The per-process counters, and how many processes there are."""
+    for f in FIELDS:
+        fam = CounterMetricFamily(f.metric, f.help, labels=("pid", "comm", "parent_pid"), unit=f.unit)
+        for r in rows:
+            # parent_pid is empty (absent, to Prometheus) unless tracked by following a fork.
+            parent = str(r.parent) if r.parent else ""
+            fam.add_metric((str(r.pid), r.comm, parent), getattr(r.counts, f.name))
+        yield fam
+    tracked = GaugeMetricFamily("tracer_tracked_processes", "Processes being tracked.")
+    tracked.add_metric((), len(rows))
+    yield tracked
+
+
 class TracerCollector:
     def __init__(
         self,
@@ -52,15 +66,7 @@ class TracerCollector:
         yield from self._self_families(time.perf_counter() - start)
 
     def _process_families(self, rows: list[Row] | None = None) -> Iterator[Metric]:
-        rows = rows or []
-        for f in FIELDS:
-            fam = CounterMetricFamily(f.metric, f.help, labels=("pid", "comm"), unit=f.unit)
-            for r in rows:
-                fam.add_metric((str(r.pid), r.comm), getattr(r.counts, f.name))
-            yield fam
-        tracked = GaugeMetricFamily("tracer_tracked_processes", "Processes being tracked.")
-        tracked.add_metric((), len(rows))
-        yield tracked
+        yield from process_families(rows or [])
 
     def _health_families(self, h: Health) -> Iterator[Metric]:
         attached = GaugeMetricFamily(
@@ -90,6 +96,12 @@ class TracerCollector:
         )
         failures.add_metric((), h.alloc_insert_failures)
         yield failures
+        dropped = CounterMetricFamily(
+            "tracer_follow_dropped",
+            "New children of followed processes not tracked because the tracked-process limit was reached.",
+        )
+        dropped.add_metric((), h.follow_dropped)
+        yield dropped
 
     def _self_families(self, duration: float) -> Iterator[Metric]:
         info = GaugeMetricFamily(

@@ -22,6 +22,7 @@ LOOPBACK = ("127.0.0.0/8", "::1/128")
 @dataclass(frozen=True)
 class Config:
     pids: tuple[int, ...] = ()
+    follow_pids: tuple[int, ...] = ()  # the pids whose children are tracked too
     max_tracked_processes: int = 16384
     alloc_map_entries: int = 65536
     kretprobe_maxactive: int = 1024
@@ -35,6 +36,7 @@ class ConfigError(Exception):
 
 _SCHEMA: dict[str, set[str]] = {
     "pids": set(),
+    "follow_forks": set(),
     "limits": {"max_tracked_processes", "alloc_map_entries"},
     "probes": {"kretprobe_maxactive", "symbols"},
     "control": {"allowed_networks"},
@@ -63,14 +65,28 @@ def _section(doc: dict[str, Any], name: str, problems: list[str]) -> dict[str, A
     return value
 
 
-def _pids(value: Any, problems: list[str]) -> tuple[int, ...]:
+def _pids(value: Any, follow_all: bool, problems: list[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(pids, pids followed). An entry is a pid or {pid: N, follow_forks: bool}."""
     if value is None:
-        return ()
+        return (), ()
     if not isinstance(value, list):
         problems.append(f"pids: expected a list of process ids, got {type(value).__name__}")
-        return ()
+        return (), ()
     pids: list[int] = []
+    follow: list[int] = []
     for i, item in enumerate(value):
+        follows = follow_all
+        if isinstance(item, dict):
+            for key in sorted(set(item) - {"pid", "follow_forks"}, key=str):
+                problems.append(f"pids[{i}].{key}: unknown key (known: follow_forks, pid)")
+            if not isinstance(item.get("follow_forks", follow_all), bool):
+                problems.append(f"pids[{i}].follow_forks: expected true or false, got {item['follow_forks']!r}")
+            else:
+                follows = item.get("follow_forks", follow_all)
+            if "pid" not in item:
+                problems.append(f"pids[{i}].pid: missing")
+                continue
+            item = item["pid"]
         pid = _int(f"pids[{i}]", item, 1, PID_MAX_LIMIT, problems)
         if pid is None:
             continue
@@ -78,7 +94,9 @@ def _pids(value: Any, problems: list[str]) -> tuple[int, ...]:
             problems.append(f"pids[{i}]: pid {pid} is listed twice")
             continue
         pids.append(pid)
-    return tuple(pids)
+        if follows:
+            follow.append(pid)
+    return tuple(pids), tuple(follow)
 
 
 def _networks(value: Any, problems: list[str]) -> tuple[str, ...]:
@@ -124,7 +142,12 @@ def parse_config(doc: Any, source: str = "config") -> Config:
     probes = _section(doc, "probes", problems)
     control = _section(doc, "control", problems)
     defaults = Config()
-    values: dict[str, Any] = {"pids": _pids(doc.get("pids"), problems)}
+    follow_all = doc.get("follow_forks", False)
+    if not isinstance(follow_all, bool):
+        problems.append(f"follow_forks: expected true or false, got {follow_all!r}")
+        follow_all = False
+    pids, follow = _pids(doc.get("pids"), follow_all, problems)
+    values: dict[str, Any] = {"pids": pids, "follow_pids": follow}
     for key, section, where, high in (
         ("max_tracked_processes", limits, "limits", MAX_TRACKED_LIMIT),
         ("alloc_map_entries", limits, "limits", MAX_ALLOC_ENTRIES_LIMIT),

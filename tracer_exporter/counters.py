@@ -62,9 +62,19 @@ FIELDS: tuple[Field, ...] = (
 
 
 @dataclass(frozen=True)
+class Entry:
+    """A tracked process as the kernel map holds it."""
+
+    counts: Counts
+    parent: int = 0  # the followed process it was forked from, else 0
+    comm: str = ""  # kept by the kernel for followed children and exited processes
+
+
+@dataclass(frozen=True)
 class Row:
     """A tracked process as published: pid, comm when tracking began, counters."""
 
     pid: int
     comm: str
     counts: Counts
+    parent: int = 0

@@ -20,6 +20,7 @@ class Health:
     alloc_entries: int = 0
     alloc_insert_failures: int = 0
     inflight_insert_failures: int = 0
+    follow_dropped: int = 0
 
 
 def unattached(attachments: list[Attachment], functions: tuple[str, ...]) -> list[str]:

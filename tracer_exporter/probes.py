@@ -12,11 +12,12 @@ import errno
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from tracer_exporter import tracefs
 from tracer_exporter.config import Config
-from tracer_exporter.counters import Counts
+from tracer_exporter.counters import Counts, Entry
 from tracer_exporter.health import Attachment, Health
 from tracer_exporter.symbols import Plan
 from tracer_exporter.tracking import LimitReached
@@ -24,8 +25,16 @@ from tracer_exporter.tracking import LimitReached
 log = logging.getLogger(__name__)
 
 BPF_NOEXIST = 1
-# Keep in step with enum stat in bpf/tracer.bpf.c.
-STAT_ALLOC_ENTRIES, STAT_ALLOC_INSERT_FAILURES, STAT_INFLIGHT_INSERT_FAILURES = 0, 1, 2
+# Keep in step with enum stat and TRACK_* in bpf/tracer.bpf.c.
+STAT_ALLOC_ENTRIES = 0
+STAT_ALLOC_INSERT_FAILURES = 1
+STAT_INFLIGHT_INSERT_FAILURES = 2
+STAT_FOLLOW_DROPPED = 3
+STAT_EXITED_INSERT_FAILURES = 4
+TRACK_FOLLOW = 1
+TRACK_KEEP = 2
+# How long the follow-drop reader sleeps between checks for shutdown.
+EVENT_POLL_MS = 1000
 SOURCE_NAME = "tracer.bpf.c"
 
 
@@ -63,11 +72,16 @@ def _errno(res: int) -> int:
 class KernelProbes:
     """One loaded BPF program and its attachments."""
 
-    def __init__(self, config: Config, plan: Plan) -> None:
+    def __init__(self, config: Config, plan: Plan, keep_exited: bool = False) -> None:
         self._config = config
         self._plan = plan
         self._bpf = None
         self._attachments: list[Attachment] = []
+        # `run` keeps the final counters of processes that exit.
+        self._base_flags = TRACK_KEEP if keep_exited else 0
+        self._events: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._warned_parents: set[int] = set()
 
     def load(self) -> None:
         try:
@@ -80,6 +94,7 @@ class KernelProbes:
         except Exception as e:
             raise ProbeError(f"compiling {source} failed: {e}") from e
         self._tracked = self._bpf.get_table("tracked")
+        self._exited = self._bpf.get_table("exited")
         self._stats = self._bpf.get_table("stats")
         from bcc.libbcc import lib
 
@@ -115,8 +130,11 @@ class KernelProbes:
     def _key(self, pid: int) -> ct.c_uint32:
         return self._tracked.Key(pid)
 
-    def track(self, pid: int) -> bool:
+    def track(self, pid: int, follow: bool = False) -> bool:
         leaf = self._tracked.Leaf()
+        leaf.flags = self._base_flags | (TRACK_FOLLOW if follow else 0)
+        if follow:
+            self._watch_follow_drops()
         res = self._lib.bpf_update_elem(self._tracked.map_fd, ct.byref(self._key(pid)), ct.byref(leaf), BPF_NOEXIST)
         if res == 0:
             return True
@@ -140,9 +158,51 @@ class KernelProbes:
             return False
         raise OSError(err, f"untracking pid {pid}: {os.strerror(err)}")
 
-    def read_all(self) -> dict[int, Counts]:
-        fields = Counts._fields
-        return {k.value: Counts(*(getattr(v, f) for f in fields)) for k, v in self._tracked.items()}
+    @staticmethod
+    def _entry(v: object) -> Entry:
+        counts = Counts(*(getattr(v, f) for f in Counts._fields))
+        comm = bytes(v.comm).split(b"\0", 1)[0].decode(errors="replace")  # type: ignore[attr-defined]
+        return Entry(counts, int(v.parent), comm)  # type: ignore[attr-defined]
+
+    def read_all(self) -> dict[int, Entry]:
+        return {k.value: self._entry(v) for k, v in self._tracked.items()}
+
+    def pop_exited(self) -> dict[int, Entry]:
+        """Final counters of processes that exited while kept (see keep_exited)."""
+        out = {k.value: self._entry(v) for k, v in self._exited.items()}
+        for pid in out:
+            self._lib.bpf_delete_elem(self._exited.map_fd, ct.byref(self._exited.Key(pid)))
+        return out
+
+    def follow_dropped(self) -> int:
+        return self._stat(STAT_FOLLOW_DROPPED)
+
+    def _watch_follow_drops(self) -> None:
+        """Log once per parent whose children were not tracked for the limit."""
+        if self._events is not None or self._bpf is None:
+            return
+
+        def on_event(_cpu: int, data: int, size: int) -> None:
+            parent = ct.cast(data, ct.POINTER(ct.c_uint32)).contents.value
+            if parent not in self._warned_parents:
+                self._warned_parents.add(parent)
+                log.warning(
+                    "children of pid %d are not tracked: the limit of %d tracked processes"
+                    " (limits.max_tracked_processes) is reached; see tracer_follow_dropped_total",
+                    parent,
+                    self._config.max_tracked_processes,
+                )
+
+        self._bpf["follow_drop_events"].open_perf_buffer(on_event)
+        bpf = self._bpf
+
+        def poll() -> None:
+            while not self._stopping.is_set():
+                bpf.perf_buffer_poll(timeout=EVENT_POLL_MS)
+
+        # Started only once a process is followed: otherwise nothing wakes at all.
+        self._events = threading.Thread(target=poll, name="follow-drops", daemon=True)
+        self._events.start()
 
     def _stat(self, index: int) -> int:
         return int(sum(self._stats[self._stats.Key(index)]))
@@ -161,10 +221,14 @@ class KernelProbes:
             alloc_entries=self._stat(STAT_ALLOC_ENTRIES),
             alloc_insert_failures=self._stat(STAT_ALLOC_INSERT_FAILURES),
             inflight_insert_failures=self._stat(STAT_INFLIGHT_INSERT_FAILURES),
+            follow_dropped=self._stat(STAT_FOLLOW_DROPPED),
         )
 
     def close(self) -> None:
         """Detach everything, including the tracefs events of return probes."""
+        self._stopping.set()
+        if self._events is not None:
+            self._events.join(EVENT_POLL_MS / 1000 * 3)
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None

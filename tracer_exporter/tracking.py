@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tracer_exporter.counters import Counts, Row
+from tracer_exporter.counters import Entry, Row
 from tracer_exporter.procfs import ProcessInfo
 
 log = logging.getLogger(__name__)
@@ -23,18 +23,20 @@ PID_MAX_LIMIT = 1 << 22
 
 SOURCE_API = "api"
 SOURCE_CONFIG = "config"
+SOURCE_FOLLOW = "follow"  # a child the kernel tracked on fork
 
 
 class Backend(Protocol):
     """The kernel side of tracking (the BPF maps)."""
 
-    def track(self, pid: int) -> bool:
-        """Start counting pid; False when it was tracked already. Raises LimitReached."""
+    def track(self, pid: int, follow: bool = False) -> bool:
+        """Start counting pid (and its future children when follow); False when it
+        was tracked already. Raises LimitReached."""
 
     def untrack(self, pid: int) -> bool:
         """Stop counting pid; False when it was not tracked."""
 
-    def read_all(self) -> dict[int, Counts]:
+    def read_all(self) -> dict[int, Entry]:
         """Every tracked pid with its counters."""
 
 
@@ -129,12 +131,12 @@ class Tracker:
             )
         return info
 
-    def add(self, pid: int, source: str = SOURCE_API) -> bool:
+    def add(self, pid: int, source: str = SOURCE_API, follow: bool = False) -> bool:
         """Track pid; True when newly tracked, False when it already was."""
         with self._lock:
             backend = self._ready_backend()
             info = self._live_process(pid)
-            created = backend.track(pid)
+            created = backend.track(pid, follow)
             if created:
                 # It may have exited between the look and the insert, and then
                 # no exit event would ever remove it.
@@ -159,22 +161,28 @@ class Tracker:
         with self._lock:
             if self._backend is None:
                 return []
-            counts = self._backend.read_all()
-            for gone in self._meta.keys() - counts.keys():
+            entries = self._backend.read_all()
+            for gone in self._meta.keys() - entries.keys():
                 del self._meta[gone]
-            return [Row(pid, self._meta[pid].comm if pid in self._meta else "", c) for pid, c in sorted(counts.items())]
+            for pid, e in entries.items():
+                if pid not in self._meta:
+                    # Tracked by the kernel on fork: it knows the comm and the parent.
+                    self._meta[pid] = _Meta(e.comm, 0, {SOURCE_FOLLOW})
+            return [Row(pid, self._meta[pid].comm, e.counts, e.parent) for pid, e in sorted(entries.items())]
 
-    def sync_config(self, pids: Iterable[int]) -> list[str]:
+    def sync_config(self, pids: Iterable[int], follow: Iterable[int] = ()) -> list[str]:
         """Make the config's pids tracked and drop those it no longer lists.
 
-        Returns one warning per pid that could not be tracked; the rest proceed.
-        A pid also added through the API stays when the config drops it.
+        `follow` are the pids whose children are tracked too. Returns one
+        warning per pid that could not be tracked; the rest proceed. A pid
+        also added through the API stays when the config drops it.
         """
         wanted = set(pids)
+        following = set(follow)
         warnings: list[str] = []
         for pid in sorted(wanted):
             try:
-                self.add(pid, SOURCE_CONFIG)
+                self.add(pid, SOURCE_CONFIG, pid in following)
             except TrackError as e:
                 warnings.append(f"config pid {pid}: {e}")
         with self._lock:

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import logging
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -85,6 +86,17 @@ def client_allowed(remote: str, networks: Sequence[Any]) -> bool:
     return any(addr.version == n.version and addr in n for n in networks)
 
 
+def parse_follow(query: str) -> bool:
+    """follow_forks from a query string: 1/true/yes or 0/false/no (default no)."""
+    values = urllib.parse.parse_qs(query, keep_blank_values=True).get("follow_forks", ["0"])
+    value = values[-1].lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise TrackError(f"follow_forks must be 1 or 0, got {values[-1]!r}")
+
+
 class App:
     """The exporter's WSGI application."""
 
@@ -156,7 +168,8 @@ class App:
         try:
             pid = parse_pid(text)
             if method == "POST":
-                created = self.tracker.add(pid)
+                follow = parse_follow(environ.get("QUERY_STRING", ""))
+                created = self.tracker.add(pid, follow=follow)
                 status = 201 if created else 200
                 return json_response(_STATUS[status], {"pid": pid, "tracked": True, "created": created})
             self.tracker.remove(pid)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tracer_exporter.counters import Counts
+from tracer_exporter.counters import Counts, Entry
 from tracer_exporter.procfs import ProcessInfo
 from tracer_exporter.tracking import LimitReached
 
@@ -11,20 +11,31 @@ class FakeBackend:
     def __init__(self, limit: int = 100) -> None:
         self.limit = limit
         self.maps: dict[int, Counts] = {}
+        self.followed: set[int] = set()
+        self.children: dict[int, tuple[int, str]] = {}  # pid -> (parent, comm)
 
-    def track(self, pid: int) -> bool:
+    def fork(self, parent: int, child: int, comm: str = "child") -> None:
+        """What the kernel does when a followed process forks."""
+        if parent in self.followed:
+            self.maps[child] = Counts()
+            self.followed.add(child)
+            self.children[child] = (parent, comm)
+
+    def track(self, pid: int, follow: bool = False) -> bool:
         if pid in self.maps:
             return False
         if len(self.maps) >= self.limit:
             raise LimitReached(f"the limit of {self.limit} tracked processes is reached", pid)
         self.maps[pid] = Counts()
+        if follow:
+            self.followed.add(pid)
         return True
 
     def untrack(self, pid: int) -> bool:
         return self.maps.pop(pid, None) is not None
 
-    def read_all(self) -> dict[int, Counts]:
-        return dict(self.maps)
+    def read_all(self) -> dict[int, Entry]:
+        return {pid: Entry(c, *self.children.get(pid, (0, ""))) for pid, c in self.maps.items()}
 
 
 class FakeProcesses:

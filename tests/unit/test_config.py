@@ -44,7 +44,7 @@ def test_empty_document_is_defaults():
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        ({"pid": [1]}, "c: pid: unknown key (known: control, limits, pids, probes)"),
+        ({"pid": [1]}, "c: pid: unknown key (known: control, follow_forks, limits, pids, probes)"),
         ({"pids": "1"}, "c: pids: expected a list of process ids, got str"),
         ({"pids": [1, "x"]}, "c: pids[1]: expected an integer, got 'x'"),
         ({"pids": [0]}, "c: pids[0]: must be from 1 to 4194304, got 0"),
@@ -75,7 +75,7 @@ def test_every_problem_is_reported_once_per_line():
     with pytest.raises(ConfigError) as e:
         parse_config({"x": 1, "pids": ["a"], "limits": {"max_tracked_processes": "many"}}, "c")
     assert str(e.value).splitlines() == [
-        "c: x: unknown key (known: control, limits, pids, probes)",
+        "c: x: unknown key (known: control, follow_forks, limits, pids, probes)",
         "c: pids[0]: expected an integer, got 'a'",
         "c: limits.max_tracked_processes: expected an integer, got 'many'",
     ]
@@ -102,3 +102,10 @@ def test_empty_file_is_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("")
     assert load_config(str(path)) == Config()
+
+
+def test_follow_forks_globally_and_per_entry():
+    config = parse_config({"pids": [1, {"pid": 2, "follow_forks": True}, {"pid": 3}]})
+    assert (config.pids, config.follow_pids) == ((1, 2, 3), (2,))
+    config = parse_config({"follow_forks": True, "pids": [1, {"pid": 2, "follow_forks": False}]})
+    assert (config.pids, config.follow_pids) == ((1, 2), (1,))

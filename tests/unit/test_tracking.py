@@ -58,8 +58,8 @@ def test_add_backs_out_when_the_process_exits_meanwhile():
     tracker.attach_backend(backend)
     real_track = backend.track
 
-    def track_then_exit(pid):
-        created = real_track(pid)
+    def track_then_exit(pid, follow=False):
+        created = real_track(pid, follow)
         processes.infos[pid] = proc(pid, start=999)  # the pid was reused
         return created
 
@@ -115,3 +115,21 @@ def test_sync_config_adds_warns_and_drops():
     tracker.add(2)  # also asked for through the API
     tracker.sync_config([3])
     assert set(backend.maps) == {2, 3}
+
+
+def test_followed_children_get_rows_with_their_parent():
+    tracker, backend = make(proc(50, "server"))
+    tracker.add(50, follow=True)
+    backend.fork(50, 51, "server")
+    backend.fork(51, 52, "server")
+    rows = tracker.rows()
+    assert [(r.pid, r.comm, r.parent) for r in rows] == [(50, "server", 0), (51, "server", 50), (52, "server", 51)]
+    del backend.maps[51]  # the child exited
+    assert [r.pid for r in tracker.rows()] == [50, 52]
+
+
+def test_not_followed_means_no_children():
+    tracker, backend = make(proc(60))
+    tracker.add(60)
+    backend.fork(60, 61)
+    assert [r.pid for r in tracker.rows()] == [60]

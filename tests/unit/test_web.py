@@ -18,7 +18,14 @@ class Client:
         self.app = app
 
     def request(self, method, path, remote="127.0.0.1", headers=None):
-        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "REMOTE_ADDR": remote, "wsgi.input": io.BytesIO()}
+        path, _, query = path.partition("?")
+        environ = {
+            "REQUEST_METHOD": method,
+            "PATH_INFO": path,
+            "QUERY_STRING": query,
+            "REMOTE_ADDR": remote,
+            "wsgi.input": io.BytesIO(),
+        }
         environ.update(headers or {})
         setup_testing_defaults(environ)
         out = {}
@@ -157,7 +164,7 @@ def test_metrics(setup):
     client, backend, registry, _ = setup
     client.request("POST", "/pids/100")
     backend.maps[100] = Counts(1, 2, 3, 4, 5, 6, 7, 8, 9)
-    labels = {"pid": "100", "comm": "alpha"}
+    labels = {"pid": "100", "comm": "alpha", "parent_pid": ""}
     expected = {
         "tracer_kmalloc_calls_total": 1,
         "tracer_kmalloc_bytes_total": 2,
@@ -204,3 +211,16 @@ def test_a_failing_part_does_not_take_metrics_down():
     registry.register(TracerCollector(broken, lambda: Health(alloc_entries=3), "1", "k"))
     assert registry.get_sample_value("tracer_alloc_map_entries") == 3
     assert registry.get_sample_value("tracer_scrape_errors_total", {"part": "processes"}) >= 1
+
+
+def test_follow_forks_query(setup):
+    client, backend, registry, _ = setup
+    assert client.request("POST", "/pids/100?follow_forks=1")[0] == 201
+    backend.fork(100, 150, "alpha")
+    assert (
+        registry.get_sample_value("tracer_kfree_calls_total", {"pid": "150", "comm": "alpha", "parent_pid": "100"}) == 0
+    )
+    status, _, body = client.request("POST", "/pids/200?follow_forks=maybe")
+    assert status == 400
+    assert "follow_forks" in json.loads(body)["error"]
+    assert 200 not in backend.maps

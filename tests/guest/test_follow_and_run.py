@@ -1,0 +1,206 @@
+"""Fork-following and `tracer-exporter run`, against a real kernel.
+
+up()/down_interruptible() are made only by the workload module here, so
+their counts are exact per process; the total row must be the exact sum of
+the rows for every column.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import Exporter
+
+pytestmark = pytest.mark.guest
+
+UP, DOWN = 5, 6  # positions in a /tracer row after the pid
+
+# python3 -c DRIVE N: one `run updown:N` through the workload module.
+DRIVE = "import os, sys; os.write(os.open('/dev/tracer_workload', os.O_RDWR), b'run updown:' + sys.argv[1].encode())"
+
+
+def run_cmd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["tracer-exporter", "run", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_reports_exact_numbers(workload):
+    out = run_cmd("--format", "json", "--", sys.executable, "-c", DRIVE, "37")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    (proc,) = doc["processes"]
+    assert proc["comm"] == "python3"
+    assert (proc["counters"]["up_calls"], proc["counters"]["down_calls"]) == (37, 37)
+    assert proc["counters"]["kmalloc_calls"] > 0  # exec and start-up allocate: counted from the start
+
+
+def test_run_table_follows_forks_with_exact_rows_and_total(workload):
+    script = f'for n in 11 22 33; do {sys.executable} -c "{DRIVE}" $n; done; exit 3'
+    out = run_cmd("--follow-forks", "--", "sh", "-c", script)
+    assert out.returncode == 3, out.stderr  # CMD's own status
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == [
+        "PID",
+        "kmalloc",
+        "kfree",
+        "kmalloc_mem",
+        "kfree_mem",
+        "sched",
+        "up",
+        "down",
+        "lock",
+        "unlock",
+    ]
+    rows = [[int(c) for c in line.split()] for line in lines[1:-1]]
+    assert lines[-1].split()[0] == "total"
+    totals = [int(c) for c in lines[-1].split()[1:]]
+    assert totals == [sum(r[i] for r in rows) for i in range(1, 10)]
+    # One row for sh and one for each child; only the children drive the module.
+    assert len(rows) == 4
+    assert sorted(r[1 + UP] for r in rows) == [0, 11, 22, 33]
+    assert sorted(r[1 + DOWN] for r in rows) == [0, 11, 22, 33]
+
+
+def test_run_exit_statuses(tmp_path):
+    missing = run_cmd("--", "/nonexistent/cmd")
+    assert missing.returncode == 127
+    assert "/nonexistent/cmd: No such file or directory" in missing.stderr
+    out = tmp_path / "result.json"
+    killed = run_cmd("--format", "json", "--output", str(out), "--", "sh", "-c", "kill -TERM $$")
+    assert killed.returncode == 128 + signal.SIGTERM
+    assert killed.stdout == ""
+    assert json.loads(out.read_text())["exit_status"] == 128 + signal.SIGTERM
+
+
+def test_run_second_interrupt_exits_130():
+    proc = subprocess.Popen(
+        ["tracer-exporter", "run", "--", "sh", "-c", 'trap "" INT; echo started; sleep 120'],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "started"  # CMD runs: probes attached
+        proc.send_signal(signal.SIGINT)  # forwarded; CMD ignores it
+        time.sleep(1)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "interrupted twice" in proc.stderr.read()
+
+
+# A parent that forks N children; child i makes 100+i up/down pairs, reports,
+# then waits for its own line on the pipe before exiting.
+FORKER = textwrap.dedent(
+    """
+    import os, sys
+    n = int(sys.argv[1])
+    sys.stdin.readline()  # tracked now
+    pipes = []
+    for i in range(n):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            fd = os.open("/dev/tracer_workload", os.O_RDWR)  # each its own: one job per open file
+            os.write(fd, b"run updown:%d" % (100 + i))
+            print("child", i, os.getpid(), flush=True)
+            os.read(r, 1)
+            os._exit(0)
+        os.close(r)
+        pipes.append((pid, w))
+    print("forked", flush=True)
+    sys.stdin.readline()
+    for pid, w in pipes:
+        os.close(w)
+        os.waitpid(pid, 0)
+    print("reaped", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def start_forker(n: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", FORKER, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def say(proc: subprocess.Popen[str], line: str = "go") -> None:
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+
+
+def test_follow_forks_through_the_api(exporter, workload):
+    parent = start_forker(50)
+    try:
+        assert exporter.request("POST", f"/pids/{parent.pid}?follow_forks=1")[0] == 201
+        say(parent)
+        children = {}
+        for _ in range(50):
+            word, i, pid = parent.stdout.readline().split()
+            assert word == "child"
+            children[int(pid)] = int(i)
+        assert parent.stdout.readline().strip() == "forked"
+        rows = exporter.tracer()
+        for pid, i in children.items():
+            assert rows[pid][UP] == rows[pid][DOWN] == 100 + i, f"child {i}"
+        assert rows[parent.pid][UP] == 0
+        series = exporter.metrics()
+        for pid in children:
+            labels = frozenset({("pid", str(pid)), ("comm", "python3"), ("parent_pid", str(parent.pid))})
+            assert series[("tracer_up_calls_total", labels)] == 100 + children[pid]
+        say(parent)
+        assert parent.stdout.readline().strip() == "reaped"
+        # Every child row went with its child; the parent stays.
+        assert set(exporter.tracer()) & set(children) == set()
+        assert parent.pid in exporter.tracer()
+        say(parent)
+        assert parent.wait(30) == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+    assert parent.pid not in exporter.tracer()
+
+
+def test_fork_bomb_is_capped_by_the_limit(tmp_path, workload):
+    config = tmp_path / "limit.yaml"
+    config.write_text("limits: {max_tracked_processes: 10}\n")
+    exp = Exporter("--config.file", str(config), log_name="forkbomb")
+    parent = start_forker(30)
+    try:
+        exp.wait_ready()
+        assert exp.request("POST", f"/pids/{parent.pid}?follow_forks=1")[0] == 201
+        say(parent)
+        for _ in range(30):
+            parent.stdout.readline()
+        assert parent.stdout.readline().strip() == "forked"
+        rows = exp.tracer()
+        assert len(rows) == 10  # the parent and the first 9 children
+        m = exp.metrics()
+        assert m[("tracer_follow_dropped_total", frozenset())] == 21
+        assert exp.request("GET", "/-/ready")[0] == 200
+        assert exp.request("POST", "/pids/1")[0] == 409
+        say(parent)
+        assert parent.stdout.readline().strip() == "reaped"
+        assert list(exp.tracer()) == [parent.pid]
+        say(parent)
+        parent.wait(30)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        code = exp.stop()
+    log = exp.log()
+    assert log.count(f"children of pid {parent.pid} are not tracked") == 1, log
+    assert code == 0

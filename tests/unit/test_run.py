@@ -1,0 +1,55 @@
+import json
+
+from tracer_exporter.counters import Counts, Row
+from tracer_exporter.run import Result, _exit_status, main, render
+
+ROWS = [
+    Row(10, "sh", Counts(1, 100, 1, 100, 5, 0, 0, 2, 2)),
+    Row(11, "python3", Counts(2, 64, 0, 0, 1, 7, 7, 0, 0), parent=10),
+]
+
+
+def test_table_with_total_row_when_following():
+    lines = render(Result(ROWS, 0), "table", follow=True).splitlines()
+    assert lines[0].split() == [
+        "PID",
+        "kmalloc",
+        "kfree",
+        "kmalloc_mem",
+        "kfree_mem",
+        "sched",
+        "up",
+        "down",
+        "lock",
+        "unlock",
+    ]
+    assert [line.split() for line in lines[1:]] == [
+        ["10", "1", "1", "100", "100", "5", "0", "0", "2", "2"],
+        ["11", "2", "0", "64", "0", "1", "7", "7", "0", "0"],
+        ["total", "3", "1", "164", "100", "6", "7", "7", "2", "2"],
+    ]
+    assert "total" not in render(Result(ROWS[:1], 0), "table", follow=False)
+
+
+def test_json():
+    doc = json.loads(render(Result(ROWS, 3), "json", follow=True))
+    assert doc["exit_status"] == 3
+    assert [(p["pid"], p["parent_pid"], p["comm"]) for p in doc["processes"]] == [(10, None, "sh"), (11, 10, "python3")]
+    assert doc["total"]["up_calls"] == 7
+
+
+def test_openmetrics():
+    text = render(Result(ROWS, 0), "openmetrics", follow=True)
+    assert 'tracer_up_calls_total{comm="python3",parent_pid="10",pid="11"} 7.0' in text
+    assert text.endswith("# EOF\n")
+
+
+def test_exit_status_like_a_shell():
+    assert _exit_status(3 << 8) == 3
+    assert _exit_status(15) == 128 + 15  # killed by SIGTERM
+
+
+def test_missing_command_is_127_before_any_tracing(capsys):
+    assert main(["--", "/nonexistent/cmd"]) == 127
+    assert "tracer-exporter run: /nonexistent/cmd: No such file or directory" in capsys.readouterr().err
+    assert main([]) == 2
