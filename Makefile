@@ -6,16 +6,25 @@ DISTROS ?= bookworm trixie
 GUEST_TIMEOUT ?= 1800
 VM := tests/vm/run
 
-.PHONY: test run setup lint unit guest images clean
+.PHONY: test run setup host-tools lint unit integration guest images clean
 
-test: setup lint unit guest
+test: setup lint unit integration guest
 
 run: setup
 	scripts/run-exporter
 
 # Host prerequisites (QEMU, debootstrap, ...) and the Python tools.
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed host-tools
 	$(PYTHON) tests/vm/image.py ensure
+
+# Host tools of the integration and deploy tests: prometheus and promtool, openssl
+# (test certificates), systemd-analyze (the systemd unit).
+HOST_TOOLS := prometheus:prometheus promtool:prometheus openssl:openssl systemd-analyze:systemd
+host-tools:
+	@missing=; for t in $(HOST_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi
 
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +35,21 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-unit: $(VENV)/.installed
-	PYTHONPATH=. $(VENV)/bin/pytest -q tests/unit
+unit: $(VENV)/.installed host-tools
+	TRACER_REQUIRE_TOOLS=1 PYTHONPATH=. $(VENV)/bin/pytest -q tests/unit
+
+# A real Prometheus on the host scraping the exporter in a bookworm guest over TLS
+# with basic auth; PromQL values, the dashboard's queries, staleness (about a minute).
+INTEGRATION_DISTRO ?= bookworm
+integration: setup
+	tests/vm/in-image --distro $(INTEGRATION_DISTRO) -- sh tests/workload/prebuild.sh
+	TRACER_REQUIRE_TOOLS=1 TRACER_IT_DISTRO=$(INTEGRATION_DISTRO) PYTHONPATH=. $(VENV)/bin/pytest -q -p no:cacheprovider tests/integration
 
 # Every kernel-facing test, in a QEMU guest per distro (images built on first use).
 guest: setup
 	@set -e; for d in $(DISTROS); do \
 		echo "== guest tests on $$d =="; \
+		tests/vm/in-image --distro $$d -- sh tests/workload/prebuild.sh; \
 		$(VM) --distro $$d --timeout $(GUEST_TIMEOUT) -- \
 			python3 -m pytest -q -p no:cacheprovider -m guest tests/guest; \
 	done

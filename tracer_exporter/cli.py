@@ -21,6 +21,7 @@ from tracer_exporter.server import HTTPServer
 from tracer_exporter.symbols import FUNCTION_NAMES, Plan, read_kallsyms, resolve
 from tracer_exporter.tracking import Tracker
 from tracer_exporter.web import App, parse_networks
+from tracer_exporter.web_config import WebConfig, WebConfigError, load_web_config
 
 log = logging.getLogger("tracer_exporter")
 
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LISTEN,
         metavar="HOST:PORT",
         help=f"address for /metrics, /tracer and the control API (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="PATH",
+        help="TLS and basic auth, in the Prometheus exporter-toolkit format (default: plain HTTP, no auth)",
     )
     p.add_argument(
         "--log.level",
@@ -84,7 +91,9 @@ def print_ebpf(config: Config) -> int:
 class Exporter:
     """The running exporter: HTTP first, then the probes, then the config's pids."""
 
-    def __init__(self, config: Config, config_path: str | None, listen: str) -> None:
+    def __init__(
+        self, config: Config, config_path: str | None, listen: str, web_config: WebConfig | None = None
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.tracker = Tracker(ProcFS())
@@ -93,7 +102,7 @@ class Exporter:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(TracerCollector(self.tracker.rows, self.health, __version__, platform.release()))
         app = App(self.tracker, registry, self.not_ready, parse_networks(config.control_allowed_networks))
-        self.server = HTTPServer(listen, app)
+        self.server = HTTPServer(listen, app, web_config)
 
     def health(self) -> Health | None:
         return self.probes.health() if self.probes is not None else None
@@ -161,10 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         return print_ebpf(config)
     if args.check:
         return check(config)
-    return serve(config, args.config_file, args.listen)
+    try:
+        web_config = load_web_config(args.web_config_file)
+    except WebConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    return serve(config, args.config_file, args.listen, web_config)
 
 
-def serve(config: Config, config_path: str | None, listen: str) -> int:
+def serve(config: Config, config_path: str | None, listen: str, web_config: WebConfig | None = None) -> int:
     wake = threading.Event()
     pending: set[int] = set()
 
@@ -176,12 +190,15 @@ def serve(config: Config, config_path: str | None, listen: str) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     try:
-        exporter = Exporter(config, config_path, listen)
+        exporter = Exporter(config, config_path, listen, web_config)
+    except WebConfigError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
     except (OSError, ValueError) as e:
         log.error("cannot listen on %s: %s", listen, e)
         return 1
     exporter.server.start()
-    log.info("listening on %s", listen)
+    log.info("listening on %s%s", listen, " (TLS)" if exporter.server.tls else "")
     try:
         try:
             exporter.load_probes()

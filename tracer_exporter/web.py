@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from tracer_exporter import render
 from tracer_exporter.config import LOOPBACK
 from tracer_exporter.tracking import Tracker, TrackError, parse_pid
+from tracer_exporter.web_config import AUTH_USER
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,8 @@ class App:
     def _pid(self, method: str, text: str, environ: dict[str, Any]) -> Response:
         self._allow(method, ("POST", "DELETE"))
         remote = environ.get("REMOTE_ADDR", "")
-        if not client_allowed(remote, self.control_networks):
+        # A user authenticated by basic_auth_users (--web.config.file) may control from anywhere.
+        if not environ.get(AUTH_USER) and not client_allowed(remote, self.control_networks):
             raise json_error(_STATUS[403], f"control requests from {remote} are not allowed")
         try:
             pid = parse_pid(text)

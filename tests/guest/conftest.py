@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +37,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "guest" in item.keywords:
             item.add_marker(skip)
+
+
+class Lines:
+    """A child's stdout read line by line, every read bounded by a timeout."""
+
+    def __init__(self, proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
+        self.proc = proc
+        self.timeout = timeout
+        self._queue: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put("<EOF>")
+
+    def next(self) -> str:
+        try:
+            return self._queue.get(timeout=self.timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line from pid {self.proc.pid} within {self.timeout} s") from None
+
+    def say(self, line: str = "go") -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
 
 
 def free_port() -> int:

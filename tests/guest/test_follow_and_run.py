@@ -8,6 +8,7 @@ the rows for every column.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import Exporter
+from conftest import Exporter, Lines
 
 pytestmark = pytest.mark.guest
 
@@ -78,46 +79,57 @@ def test_run_exit_statuses(tmp_path):
 
 
 def test_run_second_interrupt_exits_130():
+    # CMD ignores SIGINT and lets go of our pipes, so only tracer-exporter can end this.
     proc = subprocess.Popen(
-        ["tracer-exporter", "run", "--", "sh", "-c", 'trap "" INT; echo started; sleep 120'],
+        ["tracer-exporter", "run", "--", "sh", "-c", 'trap "" INT; echo started; exec sleep 120 >/dev/null 2>&1'],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
+    out = Lines(proc, timeout=300)
     try:
-        assert proc.stdout.readline().strip() == "started"  # CMD runs: probes attached
+        assert out.next() == "started"  # CMD runs: probes attached
         proc.send_signal(signal.SIGINT)  # forwarded; CMD ignores it
         time.sleep(1)
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        os.killpg(proc.pid, signal.SIGKILL)  # the sleep left behind
+        proc.wait(10)
     assert "interrupted twice" in proc.stderr.read()
 
 
-# A parent that forks N children; child i makes 100+i up/down pairs, reports,
-# then waits for its own line on the pipe before exiting.
+# A parent that forks N children; child i makes 100+i up/down pairs, says so,
+# then waits for its own pipe to close before exiting. The parent prints
+# "forked" once every child has reported.
 FORKER = textwrap.dedent(
     """
     import os, sys
     n = int(sys.argv[1])
     sys.stdin.readline()  # tracked now
+    ready_r, ready_w = os.pipe()
     pipes = []
     for i in range(n):
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os.close(w)
-            fd = os.open("/dev/tracer_workload", os.O_RDWR)  # each its own: one job per open file
-            os.write(fd, b"run updown:%d" % (100 + i))
-            print("child", i, os.getpid(), flush=True)
-            os.read(r, 1)
-            os._exit(0)
+            try:
+                os.close(w)
+                for _, other in pipes:  # earlier children's: they must see EOF when the parent closes them
+                    os.close(other)
+                fd = os.open("/dev/tracer_workload", os.O_RDWR)  # one job per open file
+                os.write(fd, b"run updown:%d" % (100 + i))
+                print("child", i, os.getpid(), flush=True)
+                os.write(ready_w, b"r")
+                os.read(r, 1)
+            finally:
+                os._exit(0)
         os.close(r)
         pipes.append((pid, w))
+    for _ in range(n):
+        os.read(ready_r, 1)
     print("forked", flush=True)
     sys.stdin.readline()
     for pid, w in pipes:
@@ -135,22 +147,18 @@ def start_forker(n: int) -> subprocess.Popen[str]:
     )
 
 
-def say(proc: subprocess.Popen[str], line: str = "go") -> None:
-    proc.stdin.write(line + "\n")
-    proc.stdin.flush()
-
-
 def test_follow_forks_through_the_api(exporter, workload):
     parent = start_forker(50)
+    out = Lines(parent)
     try:
         assert exporter.request("POST", f"/pids/{parent.pid}?follow_forks=1")[0] == 201
-        say(parent)
+        out.say()
         children = {}
         for _ in range(50):
-            word, i, pid = parent.stdout.readline().split()
+            word, i, pid = out.next().split()
             assert word == "child"
             children[int(pid)] = int(i)
-        assert parent.stdout.readline().strip() == "forked"
+        assert out.next() == "forked"
         rows = exporter.tracer()
         for pid, i in children.items():
             assert rows[pid][UP] == rows[pid][DOWN] == 100 + i, f"child {i}"
@@ -159,12 +167,12 @@ def test_follow_forks_through_the_api(exporter, workload):
         for pid in children:
             labels = frozenset({("pid", str(pid)), ("comm", "python3"), ("parent_pid", str(parent.pid))})
             assert series[("tracer_up_calls_total", labels)] == 100 + children[pid]
-        say(parent)
-        assert parent.stdout.readline().strip() == "reaped"
+        out.say()
+        assert out.next() == "reaped"
         # Every child row went with its child; the parent stays.
         assert set(exporter.tracer()) & set(children) == set()
         assert parent.pid in exporter.tracer()
-        say(parent)
+        out.say()
         assert parent.wait(30) == 0
     finally:
         if parent.poll() is None:
@@ -178,23 +186,24 @@ def test_fork_bomb_is_capped_by_the_limit(tmp_path, workload):
     config.write_text("limits: {max_tracked_processes: 10}\n")
     exp = Exporter("--config.file", str(config), log_name="forkbomb")
     parent = start_forker(30)
+    out = Lines(parent)
     try:
         exp.wait_ready()
         assert exp.request("POST", f"/pids/{parent.pid}?follow_forks=1")[0] == 201
-        say(parent)
+        out.say()
         for _ in range(30):
-            parent.stdout.readline()
-        assert parent.stdout.readline().strip() == "forked"
+            assert out.next().startswith("child")
+        assert out.next() == "forked"
         rows = exp.tracer()
         assert len(rows) == 10  # the parent and the first 9 children
         m = exp.metrics()
         assert m[("tracer_follow_dropped_total", frozenset())] == 21
         assert exp.request("GET", "/-/ready")[0] == 200
         assert exp.request("POST", "/pids/1")[0] == 409
-        say(parent)
-        assert parent.stdout.readline().strip() == "reaped"
+        out.say()
+        assert out.next() == "reaped"
         assert list(exp.tracer()) == [parent.pid]
-        say(parent)
+        out.say()
         parent.wait(30)
     finally:
         if parent.poll() is None:
