@@ -4,8 +4,14 @@
 set -eu
 port=${1:-9867}
 
-# A process that keeps the kernel busy: directory walks allocate and lock.
-sh -c 'while :; do ls -lR /usr/share/doc >/dev/null 2>&1; sleep 1; done' &
+# A process that keeps the kernel busy: reading /proc allocates, frees and locks.
+python3 -c '
+import time
+while True:
+    for _ in range(200):
+        open("/proc/self/status").read()
+    time.sleep(1)
+' &
 demo=$!
 
 # 10.0.2.2 is the host as QEMU's forward shows it: let it use the control API.
