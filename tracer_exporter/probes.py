@@ -43,7 +43,14 @@ class ProbeError(Exception):
 
 
 def bpf_source_path() -> Path:
-    """bpf/tracer.bpf.c of the checkout, or of an installed copy."""
+    """bpf/tracer.bpf.c of the checkout, or of an installed copy.
+
+    TRACER_EXPORTER_BPF_SOURCE names another file: for debugging, and for
+    testing what a program that does not compile does.
+    """
+    override = os.environ.get("TRACER_EXPORTER_BPF_SOURCE")
+    if override:
+        return Path(override)
     candidates = (
         Path(__file__).resolve().parent.parent / "bpf" / SOURCE_NAME,
         Path(sys.prefix) / "share" / "tracer-exporter" / "bpf" / SOURCE_NAME,
@@ -89,6 +96,11 @@ class KernelProbes:
         except ImportError as e:
             raise ProbeError(f"the bcc Python module is missing ({e}); install the distribution's python3-bpfcc") from e
         source = bpf_source_path()
+        removed = tracefs.remove_stale_bcc_events(self._plan.symbols)
+        if removed:
+            log.warning(
+                "removed %d kprobe events left behind by a killed instance: %s", len(removed), " ".join(removed)
+            )
         try:
             self._bpf = BPF(text=source.read_text(), cflags=cflags(self._config))
         except Exception as e:
@@ -118,6 +130,7 @@ class KernelProbes:
                 continue
             log.debug("attached %s at %s", p.function, p.symbol)
             out.append(Attachment(p.function, p.symbol, True))
+        out += [Attachment(f, s, False, "not in /proc/kallsyms") for f, s in self._plan.tried]
         self._attachments = out
         return out
 

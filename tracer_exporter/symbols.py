@@ -89,6 +89,11 @@ class Probe:
 class Plan:
     probes: tuple[Probe, ...]
     missing: tuple[str, ...]  # functions with no symbol on this kernel
+    tried: tuple[tuple[str, str], ...] = ()  # (function, symbol) looked for in vain, for missing ones
+
+    @property
+    def symbols(self) -> set[str]:
+        return {p.symbol for p in self.probes}
 
     def symbols_of(self, function: str) -> list[str]:
         return [p.symbol for p in self.probes if p.function == function]
@@ -115,6 +120,7 @@ def resolve(available: Iterable[str], overrides: Mapping[str, Iterable[str]] | N
     overrides = overrides or {}
     probes: list[Probe] = []
     missing: list[str] = []
+    tried: list[tuple[str, str]] = []
     for function in FUNCTIONS:
         groups = function.groups
         if function.name in overrides:
@@ -126,8 +132,9 @@ def resolve(available: Iterable[str], overrides: Mapping[str, Iterable[str]] | N
                 break
         if not chosen:
             missing.append(function.name)
+            tried.extend((function.name, s) for s in groups[0])
         probes.extend(_probe(function, s) for s in chosen)
-    return Plan(tuple(probes), tuple(missing))
+    return Plan(tuple(probes), tuple(missing), tuple(tried))
 
 
 def parse_kallsyms(text: str) -> set[str]:

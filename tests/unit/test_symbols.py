@@ -100,3 +100,9 @@ def test_parse_kallsyms_keeps_core_text_symbols():
         "ffffffffc0000000 t helper\t[tracer_workload]\n"
     )
     assert parse_kallsyms(text) == {"_stext", "__kmalloc", "kmalloc_large"}
+
+
+def test_missing_records_what_was_tried():
+    plan = resolve(LINUX_6_1, {"up": ["no_such_symbol"]})
+    assert plan.tried == (("up", "no_such_symbol"),)
+    assert "kfree" in plan.symbols and "no_such_symbol" not in plan.symbols

@@ -16,3 +16,17 @@ def test_bcc_event_name_replaces_dots():
 def test_our_kprobe_events_filters_by_pid():
     text = "r64:kprobes/r___kmalloc_bcc_77 __kmalloc\nr64:kprobes/r___kmalloc_bcc_770 __kmalloc\n"
     assert our_kprobe_events(text, 77) == ["r64:kprobes/r___kmalloc_bcc_77 __kmalloc"]
+
+
+def test_stale_bcc_events_only_dead_instances_on_our_symbols():
+    from tracer_exporter.tracefs import stale_bcc_events
+
+    text = (
+        "r1024:kprobes/r___kmalloc_bcc_77 __kmalloc\n"
+        "r1024:kprobes/r___kmalloc_bcc_88 __kmalloc\n"
+        "r:kprobes/r_vfs_read_bcc_77 vfs_read\n"
+        "p:kprobes/p_kfree_bcc_77 kfree\n"
+        "p:kprobes/myprobe kfree\n"
+    )
+    alive = {88}.__contains__
+    assert stale_bcc_events(text, {"__kmalloc", "kfree"}, alive) == ["r___kmalloc_bcc_77", "p_kfree_bcc_77"]
