@@ -62,6 +62,9 @@ BASE_PACKAGES = (
     "xz-utils",
 )
 KERNEL_PACKAGES = ("linux-image-amd64", "linux-headers-amd64")
+# Installed with apt after the kernel (debootstrap cannot configure these in its base pass).
+# python3-bcrypt: basic-auth hashes of --web.config.file; pytest-timeout: no test hangs.
+APT_PACKAGES = ("python3-bcrypt", "python3-pytest-timeout")
 
 # Modules the initramfs loads to mount the 9p shares; their dependencies come from modules.dep.
 INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
@@ -485,6 +488,7 @@ def _configure(name: str, distro: Distro, root: Path, build_log: Path) -> dict[s
             *KERNEL_PACKAGES,
             out=build_log,
         )
+        chroot(root, "apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES, out=build_log)
         pyver = chroot(
             root,
             "python3",

@@ -1,0 +1,377 @@
+#!/usr/bin/env python3
+"""Writes grafana/provisioning/dashboards/tracer-exporter.json, the exporter's dashboard.
+
+The JSON is generated so that its dozens of near-identical panels stay consistent;
+edit this file and run it (`python3 grafana/make_dashboard.py`), then commit both.
+tests/unit/test_grafana.py fails when the JSON is not what this script writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent / "provisioning" / "dashboards" / "tracer-exporter.json"
+
+UID = "tracer-exporter"
+SCHEMA_VERSION = 39
+DS = {"type": "prometheus", "uid": "${datasource}"}
+
+SEL = 'job=~"$job", instance=~"$instance"'
+PSEL = SEL + ', pid=~"$pid"'
+BY = "instance, pid, comm"
+LEGEND = "{{comm}} ({{pid}}) on {{instance}}"
+
+# (metric without _total, title) of the per-process call counters, /tracer's order.
+CALLS = (
+    ("tracer_kmalloc_calls", "kmalloc"),
+    ("tracer_kfree_calls", "kfree"),
+    ("tracer_schedule_calls", "schedule"),
+    ("tracer_up_calls", "up"),
+    ("tracer_down_interruptible_calls", "down_interruptible"),
+    ("tracer_mutex_lock_calls", "mutex_lock"),
+    ("tracer_mutex_unlock_calls", "mutex_unlock"),
+)
+BYTES = (("tracer_kmalloc_bytes", "kmalloc bytes"), ("tracer_kfree_bytes", "kfree bytes"))
+
+
+class Layout:
+    def __init__(self) -> None:
+        self.panels: list[dict[str, Any]] = []
+        self.y = 0
+        self.x = 0
+        self.row_height = 0
+
+    def row(self, title: str) -> None:
+        self._newline()
+        self.panels.append(
+            {
+                "type": "row",
+                "title": title,
+                "collapsed": False,
+                "panels": [],
+                "id": len(self.panels) + 1,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y},
+            }
+        )
+        self.y += 1
+
+    def _newline(self) -> None:
+        if self.x:
+            self.y += self.row_height
+            self.x = 0
+            self.row_height = 0
+
+    def add(self, panel: dict[str, Any], w: int, h: int) -> None:
+        if self.x + w > 24:
+            self._newline()
+        panel["id"] = len(self.panels) + 1
+        panel["gridPos"] = {"h": h, "w": w, "x": self.x, "y": self.y}
+        self.panels.append(panel)
+        self.x += w
+        self.row_height = max(self.row_height, h)
+
+
+def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> dict[str, Any]:
+    t: dict[str, Any] = {"refId": ref, "datasource": DS, "expr": expr, "legendFormat": legend or "__auto"}
+    if instant:
+        t.update(instant=True, range=False, format="time_series")
+    return t
+
+
+def timeseries(title: str, unit: str, targets: list[dict[str, Any]], description: str = "") -> dict[str, Any]:
+    return {
+        "type": "timeseries",
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "fieldConfig": {
+            "defaults": {"unit": unit, "min": 0, "custom": {"drawStyle": "line", "fillOpacity": 10}},
+            "overrides": [],
+        },
+        "options": {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
+        "targets": targets,
+    }
+
+
+def stat(title: str, unit: str, expr: str, description: str = "") -> dict[str, Any]:
+    return {
+        "type": "stat",
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value",
+            "graphMode": "area",
+        },
+        "targets": [target(expr, "{{instance}}")],
+    }
+
+
+def bargauge(title: str, unit: str, expr: str) -> dict[str, Any]:
+    return {
+        "type": "bargauge",
+        "title": title,
+        "datasource": DS,
+        "fieldConfig": {"defaults": {"unit": unit, "min": 0}, "overrides": []},
+        "options": {
+            "displayMode": "basic",
+            "orientation": "horizontal",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "showUnfilled": True,
+        },
+        "targets": [target(expr, LEGEND, instant=True)],
+    }
+
+
+def rate(metric: str, selector: str = PSEL) -> str:
+    return f"rate({metric}_total{{{selector}}}[$__rate_interval])"
+
+
+def variables() -> list[dict[str, Any]]:
+    def query_var(name: str, label: str, query: str, multi: bool) -> dict[str, Any]:
+        return {
+            "name": name,
+            "label": label,
+            "type": "query",
+            "datasource": DS,
+            "query": {"query": query, "refId": f"{name}-var"},
+            "definition": query,
+            "refresh": 2,
+            "sort": 3 if name == "pid" else 1,
+            "multi": multi,
+            "includeAll": True,
+            "allValue": ".*",
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+            "options": [],
+            "hide": 0,
+        }
+
+    return [
+        {
+            "name": "datasource",
+            "label": "Data source",
+            "type": "datasource",
+            "query": "prometheus",
+            "regex": "",
+            "current": {},
+            "options": [],
+            "hide": 0,
+            "refresh": 1,
+        },
+        query_var("job", "Job", "label_values(tracer_build_info, job)", True),
+        query_var("instance", "Instance", 'label_values(tracer_build_info{job=~"$job"}, instance)', True),
+        query_var("pid", "PID", f"label_values(tracer_kmalloc_calls_total{{{SEL}}}, pid)", True),
+        {
+            "name": "topn",
+            "label": "Top N",
+            "type": "custom",
+            "query": "5,10,20",
+            "current": {"selected": True, "text": "5", "value": "5"},
+            "options": [{"selected": v == "5", "text": v, "value": v} for v in ("5", "10", "20")],
+            "multi": False,
+            "includeAll": False,
+            "hide": 0,
+        },
+    ]
+
+
+def dashboard() -> dict[str, Any]:
+    lay = Layout()
+    lay.row("Tracked processes")
+    for metric, name in CALLS:
+        lay.add(
+            timeseries(
+                f"{name} calls/s",
+                "ops",
+                [target(f"sum by ({BY}) ({rate(metric)})", LEGEND)],
+                f"Calls of {name}() per second, per tracked process.",
+            ),
+            8,
+            8,
+        )
+    lay.add(
+        timeseries(
+            "kmalloc vs kfree bytes/s",
+            "Bps",
+            [
+                target(f"sum by ({BY}) ({rate('tracer_kmalloc_bytes')})", "kmalloc " + LEGEND, "A"),
+                target(f"-sum by ({BY}) ({rate('tracer_kfree_bytes')})", "kfree " + LEGEND, "B"),
+            ],
+            "Bytes kmalloc handed out (up) and kfree gave back (down), per second.",
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Outstanding kmalloc bytes",
+            "bytes",
+            [
+                target(
+                    f"sum by ({BY}) (tracer_kmalloc_bytes_total{{{PSEL}}} - tracer_kfree_bytes_total{{{PSEL}}})",
+                    LEGEND,
+                )
+            ],
+            "kmalloc_bytes - kfree_bytes since tracking began: memory still held (or freed by another process).",
+        ),
+        8,
+        8,
+    )
+    lay.row("Top $topn processes")
+    for metric, name in CALLS:
+        lay.add(
+            bargauge(f"Top {name} calls/s", "ops", f"topk($topn, sum by ({BY}) ({rate(metric, SEL)}))"),
+            6,
+            8,
+        )
+    for metric, name in BYTES:
+        lay.add(
+            bargauge(f"Top {name}/s", "Bps", f"topk($topn, sum by ({BY}) ({rate(metric, SEL)}))"),
+            6,
+            8,
+        )
+    lay.row("Exporter health")
+    lay.add(
+        stat(
+            "Probes attached",
+            "none",
+            f"sum by (instance) (tracer_probe_attached{{{SEL}}})",
+            "Kernel symbols with an attached probe.",
+        ),
+        4,
+        5,
+    )
+    lay.add(
+        stat(
+            "Probes failed",
+            "none",
+            f"sum by (instance) (1 - tracer_probe_attached{{{SEL}}})",
+            "Symbols where attaching failed: should be 0.",
+        ),
+        4,
+        5,
+    )
+    lay.add(stat("Tracked processes", "none", f"sum by (instance) (tracer_tracked_processes{{{SEL}}})"), 4, 5)
+    lay.add(
+        stat("Alloc map entries", "none", f"sum by (instance) (tracer_alloc_map_entries{{{SEL}}})",
+             "Live allocations whose size is remembered for kfree (limits.alloc_map_entries bounds it)."),
+        4,
+        5,
+    )  # fmt: skip
+    lay.add(
+        stat("Last scrape duration", "s", f"max by (instance) (tracer_scrape_duration_seconds{{{SEL}}})"),
+        4,
+        5,
+    )
+    lay.add(
+        stat(
+            "Build",
+            "none",
+            f"sum by (instance, version, kernel) (tracer_build_info{{{SEL}}})",
+        )
+        | {"options": {"reduceOptions": {"calcs": ["lastNotNull"]}, "textMode": "name", "colorMode": "none"}},
+        4,
+        5,
+    )
+    lay.add(
+        timeseries(
+            "Missed return-probe events/s",
+            "ops",
+            [
+                target(
+                    f"sum by (instance, function) ({rate('tracer_probe_missed', SEL)})", "{{function}} on {{instance}}"
+                )
+            ],
+            "kretprobe instances exhausted (probes.kretprobe_maxactive): should stay 0.",
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Alloc map fill and overflow",
+            "none",
+            [
+                target(f"sum by (instance) (tracer_alloc_map_entries{{{SEL}}})", "entries on {{instance}}", "A"),
+                target(
+                    f"sum by (instance) ({rate('tracer_alloc_map_insert_failures', SEL)})",
+                    "insert failures/s on {{instance}}",
+                    "B",
+                ),
+            ],
+            "Remembered allocations, and allocations not remembered because the map was full.",
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Scrape duration",
+            "s",
+            [target(f"max by (instance) (tracer_scrape_duration_seconds{{{SEL}}})", "{{instance}}")],
+            "Time each scrape spent reading the kernel maps.",
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Tracked processes and scrape errors",
+            "none",
+            [
+                target(f"sum by (instance) (tracer_tracked_processes{{{SEL}}})", "tracked on {{instance}}", "A"),
+                target(
+                    f"sum by (instance, part) ({rate('tracer_scrape_errors', SEL)})",
+                    "{{part}} errors/s on {{instance}}",
+                    "B",
+                ),
+            ],
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Children not followed (limit reached)/s",
+            "ops",
+            [target(f"sum by (instance) ({rate('tracer_follow_dropped', SEL)})", "{{instance}}")],
+            "New children of followed processes not tracked: limits.max_tracked_processes was reached.",
+        ),
+        12,
+        8,
+    )
+    return {
+        "uid": UID,
+        "title": "tracer_exporter",
+        "description": "Kernel work per tracked process (kmalloc, kfree, schedule, locks) and the exporter's health.",
+        "tags": ["tracer_exporter", "ebpf"],
+        "schemaVersion": SCHEMA_VERSION,
+        "version": 1,
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timezone": "",
+        "annotations": {"list": []},
+        "links": [],
+        "templating": {"list": variables()},
+        "panels": lay.panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(render())
+    print(f"wrote {OUT}", file=sys.stderr)

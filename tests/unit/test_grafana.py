@@ -1,0 +1,150 @@
+"""The Grafana dashboard's conventions, checked on the host.
+
+Whether every query returns data is checked against a real Prometheus in
+tests/integration/test_prometheus.py.
+"""
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+
+from tracer_exporter.collector import TracerCollector
+from tracer_exporter.counters import Counts, Row
+from tracer_exporter.health import Attachment, Health
+
+REPO = Path(__file__).resolve().parents[2]
+GRAFANA = REPO / "grafana"
+DASHBOARD = GRAFANA / "provisioning" / "dashboards" / "tracer-exporter.json"
+
+
+@pytest.fixture(scope="module")
+def doc():
+    return json.loads(DASHBOARD.read_text())
+
+
+def panels(doc):
+    return [p for p in doc["panels"] if p["type"] != "row"]
+
+
+def exprs(doc):
+    return [(p["title"], t["expr"]) for p in panels(doc) for t in p["targets"]]
+
+
+def exposed_metric_names():
+    """Every sample name the real collector produces, with one row and full health."""
+    registry = CollectorRegistry()
+    rows = [Row(42, "worker", Counts(*range(1, 10)), 0)]
+    health = Health(attachments=[Attachment("kmalloc", "__kmalloc", True)], missed={"kmalloc": 0})
+    registry.register(TracerCollector(lambda: rows, lambda: health, "0", "6.1"))
+    text = generate_latest(registry).decode()
+    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and line[0] != "#"}
+
+
+def test_json_is_what_the_generator_writes():
+    spec = importlib.util.spec_from_file_location("make_dashboard", GRAFANA / "make_dashboard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert DASHBOARD.read_text() == module.render(), "run python3 grafana/make_dashboard.py"
+
+
+def test_fixed_uid_and_schema_version(doc):
+    assert doc["uid"] == "tracer-exporter"
+    assert isinstance(doc["schemaVersion"], int) and doc["schemaVersion"] >= 36
+
+
+def test_template_variables(doc):
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    assert set(variables) >= {"datasource", "job", "instance", "pid"}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["pid"]["multi"] is True
+    for name in ("job", "instance", "pid"):
+        assert variables[name]["type"] == "query"
+        assert variables[name]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
+def test_no_hard_coded_datasource_uid(doc):
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            ds = node.get("datasource")
+            if isinstance(ds, dict):
+                found.append(ds.get("uid"))
+            elif ds is not None:
+                found.append(ds)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(doc)
+    assert found and set(found) == {"${datasource}"}
+
+
+def test_every_panel_has_a_unit_and_queries(doc):
+    assert len(panels(doc)) >= 20
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in panels(doc):
+        assert p["fieldConfig"]["defaults"].get("unit"), p["title"]
+        assert p["targets"], p["title"]
+
+
+def test_counters_only_through_rate_over_rate_interval(doc):
+    for title, expr in exprs(doc):
+        for window in re.findall(r"\b(?:rate|irate|increase)\([^\[]*\[([^\]]*)\]", expr):
+            assert window == "$__rate_interval", (title, expr)
+        # A counter outside rate() is only the outstanding-bytes difference.
+        bare = re.sub(r"\brate\([^\[]*\[\$__rate_interval\]\)", "", expr)
+        if title != "Outstanding kmalloc bytes":
+            assert not re.search(r"tracer_\w+_total", bare), (title, expr)
+
+
+def test_required_content(doc):
+    titles = {p["title"] for p in panels(doc)}
+    for fn in ("kmalloc", "kfree", "schedule", "up", "down_interruptible", "mutex_lock", "mutex_unlock"):
+        assert f"{fn} calls/s" in titles
+        assert f"Top {fn} calls/s" in titles
+    assert {
+        "kmalloc vs kfree bytes/s",
+        "Outstanding kmalloc bytes",
+        "Top kmalloc bytes/s",
+        "Top kfree bytes/s",
+    } <= titles
+    assert {"Probes attached", "Missed return-probe events/s", "Alloc map fill and overflow"} <= titles
+    assert {"Tracked processes", "Scrape duration"} <= titles
+    outstanding = dict(exprs(doc))["Outstanding kmalloc bytes"]
+    assert "tracer_kmalloc_bytes_total" in outstanding and "- tracer_kfree_bytes_total" in outstanding
+    assert all("topk($topn," in e for t, e in exprs(doc) if t.startswith("Top "))
+
+
+def test_every_metric_named_is_exposed(doc):
+    exposed = exposed_metric_names()
+    queries = [e for _, e in exprs(doc)] + [v.get("definition", "") for v in doc["templating"]["list"]]
+    named = {n for e in queries for n in re.findall(r"\btracer_[a-z_]+\b", e)}
+    assert named and named <= exposed, named - exposed
+
+
+def test_provisioning_files():
+    ds = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    assert [d["type"] for d in ds["datasources"]] == ["prometheus"]
+    prov = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "tracer-exporter.yaml").read_text())
+    (provider,) = prov["providers"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"] == "/etc/grafana/provisioning/dashboards"
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool (Debian: prometheus) not installed")
+@pytest.mark.parametrize("path", ["grafana/prometheus.yml"])
+def test_example_prometheus_config_is_valid(path):
+    done = subprocess.run(["promtool", "check", "config", str(REPO / path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
