@@ -53,3 +53,16 @@ def test_missing_command_is_127_before_any_tracing(capsys):
     assert main(["--", "/nonexistent/cmd"]) == 127
     assert "tracer-exporter run: /nonexistent/cmd: No such file or directory" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_a_kernel_that_cannot_trace_exits_2_before_cmd_starts(tmp_path, capsys, monkeypatch):
+    from tracer_exporter import probes
+
+    def cannot_load(self):
+        raise probes.ProbeError("the bcc Python module is missing")
+
+    monkeypatch.setattr(probes.KernelProbes, "load", cannot_load)
+    marker = tmp_path / "ran"
+    assert main(["--", "sh", "-c", f"touch {marker}"]) == 2
+    assert "cannot trace on this kernel: the bcc Python module is missing" in capsys.readouterr().err
+    assert not marker.exists()
