@@ -79,7 +79,7 @@ class TracerCollector:
         yield attached
         missed = CounterMetricFamily(
             "tracer_probe_missed",
-            "Return-probe events the kernel dropped (kretprobe maxactive exhausted).",
+            "Events lost: return probes the kernel dropped (maxactive exhausted), or kmalloc entries not recorded.",
             labels=("function",),
         )
         for function, n in sorted(h.missed.items()):

@@ -19,7 +19,6 @@ class Health:
     missed: dict[str, int] = field(default_factory=dict)  # function -> missed return events
     alloc_entries: int = 0
     alloc_insert_failures: int = 0
-    inflight_insert_failures: int = 0
     follow_dropped: int = 0
 
 

@@ -187,9 +187,6 @@ class KernelProbes:
             self._lib.bpf_delete_elem(self._exited.map_fd, ct.byref(self._exited.Key(pid)))
         return out
 
-    def follow_dropped(self) -> int:
-        return self._stat(STAT_FOLLOW_DROPPED)
-
     def _watch_follow_drops(self) -> None:
         """Log once per parent whose children were not tracked for the limit."""
         if self._events is not None or self._bpf is None:
@@ -228,12 +225,13 @@ class KernelProbes:
             if p.return_handler:
                 _, miss = profile.get(tracefs.bcc_event_name("r", p.symbol, me), (0, 0))
                 missed[p.function] = missed.get(p.function, 0) + miss
+        # A kmalloc whose entry could not be recorded is lost like a missed return.
+        missed["kmalloc"] = missed.get("kmalloc", 0) + self._stat(STAT_INFLIGHT_INSERT_FAILURES)
         return Health(
             attachments=list(self._attachments),
             missed=missed,
             alloc_entries=self._stat(STAT_ALLOC_ENTRIES),
             alloc_insert_failures=self._stat(STAT_ALLOC_INSERT_FAILURES),
-            inflight_insert_failures=self._stat(STAT_INFLIGHT_INSERT_FAILURES),
             follow_dropped=self._stat(STAT_FOLLOW_DROPPED),
         )
 

@@ -25,6 +25,8 @@ sys.path.insert(0, str(REPO / "tests" / "workload"))
 
 from workload import Workload, build_and_load  # noqa: E402
 
+# The /proc/tracer header, as the contract spells it.
+TRACER_HEADER = "PID kmalloc kfree kmalloc_mem kfree_mem sched up down lock unlock".split()  # noqa: SIM905
 READY_TIMEOUT = 300.0  # BCC compiles in about 10 s under TCG; allow a slow machine
 HTTP_TIMEOUT = 30.0
 
@@ -116,18 +118,7 @@ class Exporter:
         status, body = self.request("GET", "/tracer")
         assert status == 200
         lines = body.decode().splitlines()
-        assert lines[0].split() == [
-            "PID",
-            "kmalloc",
-            "kfree",
-            "kmalloc_mem",
-            "kfree_mem",
-            "sched",
-            "up",
-            "down",
-            "lock",
-            "unlock",
-        ]
+        assert lines[0].split() == TRACER_HEADER
         rows = {}
         for line in lines[1:]:
             cells = [int(c) for c in line.split()]

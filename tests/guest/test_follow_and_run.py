@@ -16,7 +16,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import Exporter, Lines
+from conftest import TRACER_HEADER, Exporter, Lines
 
 pytestmark = pytest.mark.guest
 
@@ -45,18 +45,7 @@ def test_run_table_follows_forks_with_exact_rows_and_total(workload):
     out = run_cmd("--follow-forks", "--", "sh", "-c", script)
     assert out.returncode == 3, out.stderr  # CMD's own status
     lines = out.stdout.splitlines()
-    assert lines[0].split() == [
-        "PID",
-        "kmalloc",
-        "kfree",
-        "kmalloc_mem",
-        "kfree_mem",
-        "sched",
-        "up",
-        "down",
-        "lock",
-        "unlock",
-    ]
+    assert lines[0].split() == TRACER_HEADER
     rows = [[int(c) for c in line.split()] for line in lines[1:-1]]
     assert lines[-1].split()[0] == "total"
     totals = [int(c) for c in lines[-1].split()[1:]]

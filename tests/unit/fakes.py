@@ -6,6 +6,9 @@ from tracer_exporter.counters import Counts, Entry
 from tracer_exporter.procfs import ProcessInfo
 from tracer_exporter.tracking import LimitReached
 
+# The /proc/tracer header, as the contract spells it.
+TRACER_HEADER = "PID kmalloc kfree kmalloc_mem kfree_mem sched up down lock unlock".split()  # noqa: SIM905
+
 
 class FakeBackend:
     def __init__(self, limit: int = 100) -> None:

@@ -1,5 +1,7 @@
 import json
 
+from fakes import TRACER_HEADER
+
 from tracer_exporter.counters import Counts, Row
 from tracer_exporter.render import pids_json, tracer_table
 
@@ -10,18 +12,7 @@ def test_tracer_table_columns_and_order():
         Row(1337, "b", Counts(123, 125952, 99, 101376, 193821, 992, 81921, 7421, 6392)),
     ]
     lines = tracer_table(rows).splitlines()
-    assert lines[0].split() == [
-        "PID",
-        "kmalloc",
-        "kfree",
-        "kmalloc_mem",
-        "kfree_mem",
-        "sched",
-        "up",
-        "down",
-        "lock",
-        "unlock",
-    ]
+    assert lines[0].split() == TRACER_HEADER
     assert lines[1].split() == ["42", "12", "12", "2048", "2048", "124", "2", "2", "9", "9"]
     assert lines[2].split() == ["1337", "123", "99", "125952", "101376", "193821", "992", "81921", "7421", "6392"]
 

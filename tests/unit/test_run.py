@@ -1,5 +1,7 @@
 import json
 
+from fakes import TRACER_HEADER
+
 from tracer_exporter.counters import Counts, Row
 from tracer_exporter.run import Result, _exit_status, main, render
 
@@ -11,18 +13,7 @@ ROWS = [
 
 def test_table_with_total_row_when_following():
     lines = render(Result(ROWS, 0), "table", follow=True).splitlines()
-    assert lines[0].split() == [
-        "PID",
-        "kmalloc",
-        "kfree",
-        "kmalloc_mem",
-        "kfree_mem",
-        "sched",
-        "up",
-        "down",
-        "lock",
-        "unlock",
-    ]
+    assert lines[0].split() == TRACER_HEADER
     assert [line.split() for line in lines[1:]] == [
         ["10", "1", "1", "100", "100", "5", "0", "0", "2", "2"],
         ["11", "2", "0", "64", "0", "1", "7", "7", "0", "0"],

@@ -3,7 +3,7 @@ import json
 from wsgiref.util import setup_testing_defaults
 
 import pytest
-from fakes import FakeBackend, FakeProcesses, proc
+from fakes import TRACER_HEADER, FakeBackend, FakeProcesses, proc
 from prometheus_client import CollectorRegistry
 
 from tracer_exporter.collector import TracerCollector
@@ -131,18 +131,7 @@ def test_tracer_table_and_pids(setup):
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain")
     lines = body.decode().splitlines()
-    assert lines[0].split() == [
-        "PID",
-        "kmalloc",
-        "kfree",
-        "kmalloc_mem",
-        "kfree_mem",
-        "sched",
-        "up",
-        "down",
-        "lock",
-        "unlock",
-    ]
+    assert lines[0].split() == TRACER_HEADER
     assert [line.split() for line in lines[1:]] == [
         ["100", "1", "3", "2", "4", "5", "6", "7", "8", "9"],
         ["200", "0", "0", "0", "0", "0", "0", "0", "0", "0"],
