@@ -47,6 +47,7 @@ enum stat {
 	STAT_INFLIGHT_INSERT_FAILURES,
 	STAT_FOLLOW_DROPPED,
 	STAT_EXITED_INSERT_FAILURES,
+	STAT_RETURNS_LOST,
 	STAT_COUNT,
 };
 
@@ -126,6 +127,12 @@ static __always_inline int kmalloc_enter(struct pt_regs *ctx, u64 size)
 	cur = inflight.lookup(&id);
 	if (cur && cur->sp > sp)
 		return 0;
+	/*
+	 * A record at this depth or above is a call whose return never came:
+	 * counted here, so a lost return of a tracked thread is always seen.
+	 */
+	if (cur)
+		stat_add(STAT_RETURNS_LOST, 1);
 	rec.size = size;
 	rec.sp = sp;
 	if (inflight.update(&id, &rec))
@@ -243,7 +250,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 
 	if (!c)
 		return 0;
-	inflight.delete(&id);
+	/* No thread exits inside kmalloc: a record left is a lost return. */
+	if (!inflight.delete(&id))
+		stat_add(STAT_RETURNS_LOST, 1);
 	task = (struct task_struct *)bpf_get_current_task();
 	if (task->signal->live.counter != 0)
 		return 0;

@@ -21,7 +21,7 @@ control:
   allowed_networks: [127.0.0.0/8, "::1/128", 10.0.2.2/32]
 EOC
 
-tracer-exporter --web.listen-address 0.0.0.0:9867 --config.file /tmp/demo.yaml &
+tracer-exporter --web.listen-address 0.0.0.0:9867 --config.file /tmp/demo.yaml --state.file /tmp/demo-state.json &
 exporter=$!
 trap 'kill -TERM $exporter $demo 2>/dev/null; wait $exporter' INT TERM
 

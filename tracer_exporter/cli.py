@@ -16,8 +16,9 @@ from tracer_exporter import __version__
 from tracer_exporter.collector import TracerCollector
 from tracer_exporter.config import Config, ConfigError, load_config
 from tracer_exporter.health import Health, unattached
-from tracer_exporter.procfs import ProcFS
+from tracer_exporter.procfs import ProcFS, read_boot_id
 from tracer_exporter.server import HTTPServer
+from tracer_exporter.state import Saved, StateError, StateFile
 from tracer_exporter.symbols import FUNCTION_NAMES, Plan, read_kallsyms, resolve
 from tracer_exporter.tracking import Tracker
 from tracer_exporter.web import App, parse_networks
@@ -26,6 +27,7 @@ from tracer_exporter.web_config import WebConfig, WebConfigError, load_web_confi
 log = logging.getLogger("tracer_exporter")
 
 DEFAULT_LISTEN = ":9867"
+DEFAULT_STATE_FILE = "/var/lib/tracer-exporter/state.json"
 EXIT_CONFIG = 2
 
 
@@ -48,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="web_config_file",
         metavar="PATH",
         help="TLS and basic auth, in the Prometheus exporter-toolkit format (default: plain HTTP, no auth)",
+    )
+    p.add_argument(
+        "--state.file",
+        dest="state_file",
+        default=DEFAULT_STATE_FILE,
+        metavar="PATH",
+        help="where the pids tracked at run time are kept, so a restart tracks them again; "
+        f'"" keeps none (default {DEFAULT_STATE_FILE})',
     )
     p.add_argument(
         "--log.level",
@@ -92,11 +102,18 @@ class Exporter:
     """The running exporter: HTTP first, then the probes, then the config's pids."""
 
     def __init__(
-        self, config: Config, config_path: str | None, listen: str, web_config: WebConfig | None = None
+        self,
+        config: Config,
+        config_path: str | None,
+        listen: str,
+        web_config: WebConfig | None = None,
+        state_path: str = "",
     ) -> None:
         self.config = config
         self.config_path = config_path
-        self.tracker = Tracker(ProcFS())
+        self.state = StateFile(state_path) if state_path else None
+        self.boot_id = read_boot_id()
+        self.tracker = Tracker(ProcFS(), self.save_state if self.state else None)
         self.probes = None
         self.loading = "compiling and attaching the BPF program"
         registry = CollectorRegistry(auto_describe=True)
@@ -125,6 +142,36 @@ class Exporter:
         self.tracker.attach_backend(probes)
         ok = sum(a.attached for a in attachments)
         log.info("attached %d of %d probes", ok, len(attachments))
+
+    def restore_state(self) -> None:
+        """Tracks again the pids the state file kept from the last run."""
+        if self.state is None:
+            return
+        entries: list[Saved] = []
+        try:
+            saved = self.state.load()
+        except StateError as e:
+            log.error("%s; starting with no runtime pids (the file is rewritten on the next change)", e)
+            saved = None
+        if saved is not None:
+            boot_id, entries = saved
+            if boot_id != self.boot_id:
+                log.info(
+                    "state file %s is from another boot: none of its %d pids is restored", self.state.path, len(entries)
+                )
+                entries = []
+        restored, dropped = self.tracker.restore(entries)
+        for why in dropped:
+            log.info("%s; dropped from the state file", why)
+        log.info("restored %d pids from %s: %s", len(restored), self.state.path, restored)
+
+    def save_state(self, entries: list[Saved]) -> None:
+        assert self.state is not None
+        try:
+            self.state.save(self.boot_id, entries)
+        except StateError as e:
+            # Tracking itself worked; only a restart would forget these pids.
+            log.error("%s", e)
 
     def sync_config_pids(self) -> None:
         for warning in self.tracker.sync_config(self.config.pids, self.config.follow_pids):
@@ -175,10 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     except WebConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_CONFIG
-    return serve(config, args.config_file, args.listen, web_config)
+    return serve(config, args.config_file, args.listen, web_config, args.state_file)
 
 
-def serve(config: Config, config_path: str | None, listen: str, web_config: WebConfig | None = None) -> int:
+def serve(
+    config: Config,
+    config_path: str | None,
+    listen: str,
+    web_config: WebConfig | None = None,
+    state_path: str = "",
+) -> int:
     wake = threading.Event()
     pending: set[int] = set()
 
@@ -190,7 +243,7 @@ def serve(config: Config, config_path: str | None, listen: str, web_config: WebC
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     try:
-        exporter = Exporter(config, config_path, listen, web_config)
+        exporter = Exporter(config, config_path, listen, web_config, state_path)
     except WebConfigError as e:
         log.error("%s", e)
         return EXIT_CONFIG
@@ -205,6 +258,7 @@ def serve(config: Config, config_path: str | None, listen: str, web_config: WebC
         except Exception as e:
             log.error("%s", e)
             return 1
+        exporter.restore_state()
         exporter.sync_config_pids()
         log.info("ready")
         while not pending & {signal.SIGTERM, signal.SIGINT}:

@@ -79,12 +79,21 @@ class TracerCollector:
         yield attached
         missed = CounterMetricFamily(
             "tracer_probe_missed",
-            "Events lost: return probes the kernel dropped (maxactive exhausted), or kmalloc entries not recorded.",
+            "Calls of tracked threads lost to the counts: kmalloc returns never seen, or entries not recorded.",
             labels=("function",),
         )
         for function, n in sorted(h.missed.items()):
             missed.add_metric((function,), n)
         yield missed
+        kernel = CounterMetricFamily(
+            "tracer_kprobe_missed",
+            "Hits the kernel's return probes missed, any process, including interrupts that arrived while"
+            " another probe ran (never a tracked thread's own call).",
+            labels=("function",),
+        )
+        for function, n in sorted(h.kernel_missed.items()):
+            kernel.add_metric((function,), n)
+        yield kernel
         entries = GaugeMetricFamily(
             "tracer_alloc_map_entries", "Live kmalloc blocks of tracked processes whose size is remembered."
         )

@@ -16,7 +16,9 @@ class Attachment:
 @dataclass
 class Health:
     attachments: list[Attachment] = field(default_factory=list)
-    missed: dict[str, int] = field(default_factory=dict)  # function -> missed return events
+    missed: dict[str, int] = field(default_factory=dict)  # function -> calls of tracked threads lost
+    # function -> what the kernel says its return probe missed, interrupt context included
+    kernel_missed: dict[str, int] = field(default_factory=dict)
     alloc_entries: int = 0
     alloc_insert_failures: int = 0
     follow_dropped: int = 0

@@ -31,6 +31,7 @@ STAT_ALLOC_INSERT_FAILURES = 1
 STAT_INFLIGHT_INSERT_FAILURES = 2
 STAT_FOLLOW_DROPPED = 3
 STAT_EXITED_INSERT_FAILURES = 4
+STAT_RETURNS_LOST = 5
 TRACK_FOLLOW = 1
 TRACK_KEEP = 2
 # How long the follow-drop reader sleeps between checks for shutdown.
@@ -143,9 +144,10 @@ class KernelProbes:
     def _key(self, pid: int) -> ct.c_uint32:
         return self._tracked.Key(pid)
 
-    def track(self, pid: int, follow: bool = False) -> bool:
+    def track(self, pid: int, follow: bool = False, parent: int = 0) -> bool:
         leaf = self._tracked.Leaf()
         leaf.flags = self._base_flags | (TRACK_FOLLOW if follow else 0)
+        leaf.parent = parent
         if follow:
             self._watch_follow_drops()
         res = self._lib.bpf_update_elem(self._tracked.map_fd, ct.byref(self._key(pid)), ct.byref(leaf), BPF_NOEXIST)
@@ -220,16 +222,17 @@ class KernelProbes:
     def health(self) -> Health:
         profile = tracefs.read_kprobe_profile()
         me = os.getpid()
-        missed: dict[str, int] = {}
+        kernel_missed: dict[str, int] = {}
         for p in self._plan.probes:
             if p.return_handler:
                 _, miss = profile.get(tracefs.bcc_event_name("r", p.symbol, me), (0, 0))
-                missed[p.function] = missed.get(p.function, 0) + miss
-        # A kmalloc whose entry could not be recorded is lost like a missed return.
-        missed["kmalloc"] = missed.get("kmalloc", 0) + self._stat(STAT_INFLIGHT_INSERT_FAILURES)
+                kernel_missed[p.function] = kernel_missed.get(p.function, 0) + miss
+        # What tracked threads lost: returns never seen, and entries not recorded.
+        lost = self._stat(STAT_RETURNS_LOST) + self._stat(STAT_INFLIGHT_INSERT_FAILURES)
         return Health(
             attachments=list(self._attachments),
-            missed=missed,
+            missed={"kmalloc": lost},
+            kernel_missed=kernel_missed,
             alloc_entries=self._stat(STAT_ALLOC_ENTRIES),
             alloc_insert_failures=self._stat(STAT_ALLOC_INSERT_FAILURES),
             follow_dropped=self._stat(STAT_FOLLOW_DROPPED),

@@ -30,6 +30,15 @@ def parse_stat(text: str) -> tuple[str, str, int]:
     return comm, rest[0], int(rest[19])
 
 
+def read_boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:
+    """This boot's id: a state file from another boot names other processes."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def parse_tgid(status: str) -> int:
     for line in status.splitlines():
         if line.startswith("Tgid:"):

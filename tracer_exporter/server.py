@@ -56,6 +56,8 @@ _TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default of 5 drops connections when many clients arrive at once.
+    request_queue_size = 128
     ssl_context: ssl.SSLContext | None = None
 
     def finish_request(self, request: Any, client_address: Any) -> None:

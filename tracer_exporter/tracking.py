@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from tracer_exporter.counters import Entry, Row
 from tracer_exporter.procfs import ProcessInfo
+from tracer_exporter.state import Saved
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,10 @@ SOURCE_FOLLOW = "follow"  # a child the kernel tracked on fork
 class Backend(Protocol):
     """The kernel side of tracking (the BPF maps)."""
 
-    def track(self, pid: int, follow: bool = False) -> bool:
+    def track(self, pid: int, follow: bool = False, parent: int = 0) -> bool:
         """Start counting pid (and its future children when follow); False when it
-        was tracked already. Raises LimitReached."""
+        was tracked already. `parent` restores a followed child's parent. Raises
+        LimitReached."""
 
     def untrack(self, pid: int) -> bool:
         """Stop counting pid; False when it was not tracked."""
@@ -99,16 +101,26 @@ class _Meta:
     comm: str
     start_time: int
     sources: set[str] = field(default_factory=set)
+    follow: bool = False
+    parent: int = 0
+
+
+# Told the processes tracked at run time (API and followed children) whenever
+# that set changes: the state file's writer.
+OnChange = Callable[[list[Saved]], None]
 
 
 class Tracker:
     """Adds, removes and lists tracked processes; safe across HTTP threads."""
 
-    def __init__(self, processes: Processes) -> None:
+    def __init__(self, processes: Processes, on_change: OnChange | None = None) -> None:
         self._processes = processes
         self._backend: Backend | None = None
         self._meta: dict[int, _Meta] = {}
         self._lock = threading.Lock()
+        self._on_change = on_change
+        # None until restore() ran: a scrape before it must not overwrite the state file.
+        self._saved: list[Saved] | None = None
 
     def attach_backend(self, backend: Backend) -> None:
         """The kernel side is ready: requests are served from now on."""
@@ -131,30 +143,78 @@ class Tracker:
             )
         return info
 
-    def add(self, pid: int, source: str = SOURCE_API, follow: bool = False) -> bool:
+    def add(self, pid: int, source: str = SOURCE_API, follow: bool = False, parent: int = 0) -> bool:
         """Track pid; True when newly tracked, False when it already was."""
         with self._lock:
-            backend = self._ready_backend()
-            info = self._live_process(pid)
-            created = backend.track(pid, follow)
-            if created:
-                # It may have exited between the look and the insert, and then
-                # no exit event would ever remove it.
-                again = self._processes.process(pid)
-                if again is None or again.exited or again.start_time != info.start_time:
-                    backend.untrack(pid)
-                    raise NoSuchProcess(f"process {pid} exited while being tracked", pid)
-                self._meta[pid] = _Meta(info.comm, info.start_time)
-            meta = self._meta.setdefault(pid, _Meta(info.comm, info.start_time))
-            meta.sources.add(source)
+            created = self._add(pid, source, follow, parent)
+            self._changed()
             return created
+
+    def _add(self, pid: int, source: str, follow: bool, parent: int = 0, start_time: int | None = None) -> bool:
+        backend = self._ready_backend()
+        info = self._live_process(pid)
+        if start_time is not None and info.start_time != start_time:
+            raise NoSuchProcess(f"pid {pid} is now another process (it started at a different time)", pid)
+        created = backend.track(pid, follow, parent)
+        if created:
+            # It may have exited between the look and the insert, and then
+            # no exit event would ever remove it.
+            again = self._processes.process(pid)
+            if again is None or again.exited or again.start_time != info.start_time:
+                backend.untrack(pid)
+                raise NoSuchProcess(f"process {pid} exited while being tracked", pid)
+            self._meta[pid] = _Meta(info.comm, info.start_time, follow=follow, parent=parent)
+        meta = self._meta.setdefault(pid, _Meta(info.comm, info.start_time, follow=follow, parent=parent))
+        meta.sources.add(source)
+        return created
 
     def remove(self, pid: int) -> None:
         with self._lock:
             backend = self._ready_backend()
             self._meta.pop(pid, None)
-            if not backend.untrack(pid):
+            removed = backend.untrack(pid)
+            self._changed()
+            if not removed:
                 raise NotTracked(f"pid {pid} is not tracked", pid)
+
+    def restore(self, entries: Iterable[Saved]) -> tuple[list[int], list[str]]:
+        """Tracks again what the state file kept: (pids restored, why others were not).
+
+        A pid whose process exited, or whose number now belongs to another
+        process (another start time), is dropped.
+        """
+        restored: list[int] = []
+        dropped: list[str] = []
+        with self._lock:
+            # Parents first, so that a restored child keeps its parent's row order.
+            for e in sorted(entries, key=lambda e: (e.parent != 0, e.pid)):
+                source = SOURCE_FOLLOW if e.parent else SOURCE_API
+                try:
+                    self._add(e.pid, source, e.follow, e.parent, e.start_time)
+                    restored.append(e.pid)
+                except TrackError as err:
+                    dropped.append(f"state pid {e.pid}: {err}")
+            # Written even when unchanged, so the file drops what was not restored.
+            self._saved = self._runtime()
+            if self._on_change is not None:
+                self._on_change(self._saved)
+        return restored, dropped
+
+    def _runtime(self) -> list[Saved]:
+        return sorted(
+            Saved(pid, m.start_time, m.follow, m.parent)
+            for pid, m in self._meta.items()
+            if m.sources & {SOURCE_API, SOURCE_FOLLOW} and m.start_time
+        )
+
+    def _changed(self) -> None:
+        """Tells on_change when the runtime set differs from what it was last told."""
+        if self._on_change is None or self._saved is None:
+            return
+        now = self._runtime()
+        if now != self._saved:
+            self._saved = now
+            self._on_change(now)
 
     def rows(self) -> list[Row]:
         """Tracked processes sorted by pid; forgets those the kernel dropped."""
@@ -167,7 +227,10 @@ class Tracker:
             for pid, e in entries.items():
                 if pid not in self._meta:
                     # Tracked by the kernel on fork: it knows the comm and the parent.
-                    self._meta[pid] = _Meta(e.comm, 0, {SOURCE_FOLLOW})
+                    info = self._processes.process(pid)
+                    start = info.start_time if info is not None and not info.exited else 0
+                    self._meta[pid] = _Meta(e.comm, start, {SOURCE_FOLLOW}, follow=True, parent=e.parent)
+            self._changed()
             return [Row(pid, self._meta[pid].comm, e.counts, e.parent) for pid, e in sorted(entries.items())]
 
     def sync_config(self, pids: Iterable[int], follow: Iterable[int] = ()) -> list[str]:
@@ -193,4 +256,5 @@ class Tracker:
                 if not meta.sources and self._backend is not None:
                     self._backend.untrack(pid)
                     del self._meta[pid]
+            self._changed()
         return warnings

@@ -27,6 +27,13 @@ StartResponse = Callable[..., Any]
 
 _PID_PATH = re.compile(r"^/pids/([^/]*)$")
 
+# No route takes a body; a small one (say "{}") is read and ignored.
+MAX_BODY_BYTES = 64 * 1024
+# A refused body is still read up to this much, so the client reads the 413
+# instead of a connection reset; past it the connection is simply closed.
+DRAIN_BYTES = 64 * 1024 * 1024
+_DRAIN_CHUNK = 256 * 1024
+
 LANDING = b"""<!doctype html>
 <html><head><title>tracer_exporter</title></head><body>
 <h1>tracer_exporter</h1>
@@ -66,6 +73,8 @@ _STATUS = {
     404: "404 Not Found",
     405: "405 Method Not Allowed",
     409: "409 Conflict",
+    411: "411 Length Required",
+    413: "413 Content Too Large",
     500: "500 Internal Server Error",
     503: "503 Service Unavailable",
 }
@@ -85,6 +94,18 @@ def client_allowed(remote: str, networks: Sequence[Any]) -> bool:
     if mapped is not None:
         addr = mapped
     return any(addr.version == n.version and addr in n for n in networks)
+
+
+def _drain(stream: Any, length: int) -> None:
+    """Reads length bytes or up to EOF; the server's socket timeout bounds it."""
+    while stream is not None and length > 0:
+        try:
+            chunk = stream.read(min(length, _DRAIN_CHUNK))
+        except OSError as e:
+            raise json_error(_STATUS[400], f"the request body was not received: {e}") from e
+        if not chunk:
+            return
+        length -= len(chunk)
 
 
 def parse_follow(query: str) -> bool:
@@ -117,6 +138,7 @@ class App:
         path = environ.get("PATH_INFO", "") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
         try:
+            self._consume_body(environ)
             if path == "/metrics":
                 self._allow(method, ("GET", "HEAD"))
                 return self._metrics(environ, start_response)
@@ -129,6 +151,23 @@ class App:
         headers = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body)))]
         start_response(reply.status, headers + reply.headers)
         return [b"" if method == "HEAD" else reply.body]
+
+    @staticmethod
+    def _consume_body(environ: dict[str, Any]) -> None:
+        """Reads and drops the request body, refusing one that is too large."""
+        if environ.get("HTTP_TRANSFER_ENCODING"):
+            raise json_error(_STATUS[411], "chunked request bodies are not accepted; no route takes a body")
+        text = environ.get("CONTENT_LENGTH") or "0"
+        if not text.isdigit():
+            raise json_error(_STATUS[400], f"bad Content-Length {text!r}")
+        length = int(text)
+        stream = environ.get("wsgi.input")
+        if length > MAX_BODY_BYTES:
+            _drain(stream, min(length, DRAIN_BYTES))
+            raise json_error(
+                _STATUS[413], f"request body of {length} bytes refused: no route takes a body (limit {MAX_BODY_BYTES})"
+            )
+        _drain(stream, length)
 
     @staticmethod
     def _allow(method: str, allowed: Sequence[str]) -> None:

@@ -82,6 +82,9 @@ class Exporter:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path("/tmp") / f"{log_name}-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (kept open for the process)
+        if "--state.file" not in args:
+            # Not the default under /var/lib: that is in the image, shared by every boot.
+            args = (*args, "--state.file", f"/tmp/state-{self.port}.json")
         cmd = ["tracer-exporter", "--web.listen-address", f"127.0.0.1:{self.port}", "--log.level", "debug", *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
 

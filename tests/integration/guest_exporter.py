@@ -82,6 +82,8 @@ def main(directory: str) -> int:
             str(d / "exporter.yaml"),
             "--web.config.file",
             str(d / "web.yml"),
+            "--state.file",
+            str(d / "state.json"),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

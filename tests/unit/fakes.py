@@ -24,7 +24,7 @@ class FakeBackend:
             self.followed.add(child)
             self.children[child] = (parent, comm)
 
-    def track(self, pid: int, follow: bool = False) -> bool:
+    def track(self, pid: int, follow: bool = False, parent: int = 0) -> bool:
         if pid in self.maps:
             return False
         if len(self.maps) >= self.limit:
@@ -32,6 +32,8 @@ class FakeBackend:
         self.maps[pid] = Counts()
         if follow:
             self.followed.add(pid)
+        if parent:
+            self.children[pid] = (parent, "child")
         return True
 
     def untrack(self, pid: int) -> bool:

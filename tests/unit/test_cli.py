@@ -41,3 +41,11 @@ def test_parse_listen_address(text, parsed):
 def test_parse_listen_address_rejects(text):
     with pytest.raises(ValueError, match="listen address"):
         parse_listen_address(text)
+
+
+def test_state_file_flag_defaults_to_var_lib_and_can_be_turned_off():
+    from tracer_exporter.cli import DEFAULT_STATE_FILE, build_parser
+
+    assert build_parser().parse_args([]).state_file == DEFAULT_STATE_FILE == "/var/lib/tracer-exporter/state.json"
+    assert build_parser().parse_args(["--state.file", ""]).state_file == ""
+    assert build_parser().parse_args(["--state.file=/run/s.json"]).state_file == "/run/s.json"

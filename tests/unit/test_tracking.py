@@ -58,7 +58,7 @@ def test_add_backs_out_when_the_process_exits_meanwhile():
     tracker.attach_backend(backend)
     real_track = backend.track
 
-    def track_then_exit(pid, follow=False):
+    def track_then_exit(pid, follow=False, parent=0):
         created = real_track(pid, follow)
         processes.infos[pid] = proc(pid, start=999)  # the pid was reused
         return created

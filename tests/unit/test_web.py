@@ -45,6 +45,7 @@ def setup():
     health = Health(
         attachments=[Attachment("kmalloc", "__kmalloc", True), Attachment("up", "up", False, "boom")],
         missed={"kmalloc": 4},
+        kernel_missed={"kmalloc": 11},
         alloc_entries=7,
         alloc_insert_failures=1,
     )
@@ -171,6 +172,7 @@ def test_metrics(setup):
     assert registry.get_sample_value("tracer_probe_attached", {"function": "kmalloc", "symbol": "__kmalloc"}) == 1
     assert registry.get_sample_value("tracer_probe_attached", {"function": "up", "symbol": "up"}) == 0
     assert registry.get_sample_value("tracer_probe_missed_total", {"function": "kmalloc"}) == 4
+    assert registry.get_sample_value("tracer_kprobe_missed_total", {"function": "kmalloc"}) == 11
     assert registry.get_sample_value("tracer_alloc_map_entries") == 7
     assert registry.get_sample_value("tracer_alloc_map_insert_failures_total") == 1
     assert registry.get_sample_value("tracer_build_info", {"version": "9.9", "kernel": "6.1.0-test"}) == 1
@@ -213,3 +215,59 @@ def test_follow_forks_query(setup):
     assert status == 400
     assert "follow_forks" in json.loads(body)["error"]
     assert 200 not in backend.maps
+
+
+class CountingInput(io.BytesIO):
+    """A request body that records how much of it the app read."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(b"x" * size)
+        self.consumed = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = super().read(n)
+        self.consumed += len(data)
+        return data
+
+
+def test_a_large_body_gets_413_and_is_read_so_the_client_sees_it(setup):
+    client, backend, _, _ = setup
+    body = CountingInput(5 * 1024 * 1024)
+    headers = {"CONTENT_LENGTH": str(5 * 1024 * 1024), "wsgi.input": body}
+    status, _, reply = client.request("POST", "/pids/100", headers=headers)
+    assert status == 413
+    assert "5242880 bytes refused" in json.loads(reply)["error"]
+    assert body.consumed == 5 * 1024 * 1024
+    assert backend.maps == {}
+    # Still serving, nothing changed.
+    assert client.request("POST", "/pids/100")[0] == 201
+
+
+def test_a_small_body_is_ignored(setup):
+    client, backend, _, _ = setup
+    headers = {"CONTENT_LENGTH": "2", "wsgi.input": io.BytesIO(b"{}")}
+    assert client.request("POST", "/pids/100", headers=headers)[0] == 201
+    assert 100 in backend.maps
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({"CONTENT_LENGTH": "-5"}, 400), ({"CONTENT_LENGTH": "1e3"}, 400), ({"HTTP_TRANSFER_ENCODING": "chunked"}, 411)],
+)
+def test_unusable_body_framing_is_refused(setup, headers, status):
+    client, backend, _, _ = setup
+    got, _, reply = client.request("POST", "/pids/100", headers=headers)
+    assert got == status
+    assert json.loads(reply)["error"]
+    assert backend.maps == {}
+
+
+def test_a_body_past_the_drain_limit_is_not_read_to_the_end(setup, monkeypatch):
+    import tracer_exporter.web as web
+
+    monkeypatch.setattr(web, "DRAIN_BYTES", 1024 * 1024)
+    client, _, _, _ = setup
+    body = CountingInput(3 * 1024 * 1024)
+    headers = {"CONTENT_LENGTH": str(3 * 1024 * 1024), "wsgi.input": body}
+    assert client.request("GET", "/tracer", headers=headers)[0] == 413
+    assert body.consumed == 1024 * 1024
