@@ -35,12 +35,21 @@ class Distro:
     suite: str  # what debootstrap installs
     kernel_suite: str  # apt -t target for the kernel and headers (security has the newest kernel)
     extra_suites: tuple[str, ...] = ()  # more suites on the main mirror, e.g. backports
+    packages: tuple[str, ...] = ()  # more packages for this distro only
 
 
-# One entry per bootable guest; a new distro (bullseye, trixie-backports, ...) is one more line.
+# Builds the lockdep kernel (tests/vm/lockdep-kernel) inside the bookworm root, so that
+# the kernel and the workload module built against it use the same compiler.
+KERNEL_BUILD_PACKAGES = ("linux-source-6.1", "bc", "bison", "flex", "libelf-dev")
+
+# One entry per bootable guest; a new distro is one more line.
 DISTROS: dict[str, Distro] = {
-    "bookworm": Distro(suite="bookworm", kernel_suite="bookworm-security"),
+    # 5.10, bcc 0.18, Python 3.9: the oldest kernel and userland we support.
+    "bullseye": Distro(suite="bullseye", kernel_suite="bullseye-security"),
+    "bookworm": Distro(suite="bookworm", kernel_suite="bookworm-security", packages=KERNEL_BUILD_PACKAGES),
     "trixie": Distro(suite="trixie", kernel_suite="trixie-security"),
+    # The newest Debian kernel (7.x) with trixie's userland.
+    "trixie-backports": Distro(suite="trixie", kernel_suite="trixie-backports", extra_suites=("trixie-backports",)),
 }
 DEFAULT_DISTRO = "bookworm"
 
@@ -61,7 +70,9 @@ BASE_PACKAGES = (
     "util-linux",
     "xz-utils",
 )
-KERNEL_PACKAGES = ("linux-image-amd64", "linux-headers-amd64")
+# initramfs-tools: its update-initramfs is diverted to true below; without it, apt may
+# pick dracut for the 7.x kernels, which then builds an initramfs in the chroot and fails.
+KERNEL_PACKAGES = ("linux-image-amd64", "linux-headers-amd64", "initramfs-tools")
 # Installed with apt after the kernel (debootstrap cannot configure these in its base pass).
 # python3-bcrypt: basic-auth hashes of --web.config.file; pytest-timeout: no test hangs.
 APT_PACKAGES = ("python3-bcrypt", "python3-pytest-timeout")
@@ -366,8 +377,9 @@ def initramfs_modules(moddir: Path, wanted: tuple[str, ...] = INITRAMFS_MODULES)
     return [moddir / deps[n][0] for n in order]
 
 
-def build_initramfs(moddir: Path, dest: Path) -> list[str]:
-    mods = initramfs_modules(moddir)
+def build_initramfs(moddir: Path | None, dest: Path) -> list[str]:
+    """Write the initramfs; moddir None: a kernel with 9p and virtio built in needs no modules."""
+    mods = initramfs_modules(moddir) if moddir is not None else []
     names = [f"{_module_name(m.name)}.ko" for m in mods]
     none = (0, 0)
     entries = [(d, 0o40755, b"", none) for d in ("bin", "dev", "proc", "sys", "modules", "newroot")]
@@ -425,6 +437,14 @@ def extract_vmlinux(vmlinuz: Path) -> bytes | None:
             continue
         if elf[:4] == b"\x7fELF" and _has_pvh_note(elf):
             return elf
+    return None
+
+
+def kernel_image(root: Path, release: str) -> Path | None:
+    """The image's vmlinuz: in /boot, or (Debian's split 7.x packages) beside its modules."""
+    for path in (f"/boot/vmlinuz-{release}", f"/usr/lib/modules/{release}/vmlinuz"):
+        if root_path(root, path).is_file():
+            return root_path(root, path)
     return None
 
 
@@ -488,7 +508,8 @@ def _configure(name: str, distro: Distro, root: Path, build_log: Path) -> dict[s
             *KERNEL_PACKAGES,
             out=build_log,
         )
-        chroot(root, "apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES, out=build_log)
+        packages = (*APT_PACKAGES, *distro.packages)
+        chroot(root, "apt-get", "install", "-y", "--no-install-recommends", *packages, out=build_log)
         pyver = chroot(
             root,
             "python3",
@@ -519,8 +540,8 @@ def _configure(name: str, distro: Distro, root: Path, build_log: Path) -> dict[s
     build_link = moddirs[0] / "build"
     if not root_path(root, f"/lib/modules/{release}/build/Makefile").is_file():
         raise BuildError(f"{build_link} -> {os.readlink(build_link)} has no Makefile", build_log)
-    if not (root / "boot" / f"vmlinuz-{release}").is_file():
-        raise BuildError(f"no /boot/vmlinuz-{release} in the image", build_log)
+    if kernel_image(root, release) is None:
+        raise BuildError(f"no /boot/vmlinuz-{release} or /usr/lib/modules/{release}/vmlinuz in the image", build_log)
 
     # The checkout (shared at /src) is importable, and the console script runs it.
     site = root / f"usr/local/lib/python{pyver}/dist-packages"
@@ -608,7 +629,9 @@ def _build_into(name: str, distro: Distro, tmp: Path, build_log: Path) -> dict[s
         sys.stderr.write("\n".join(tail) + "\n")
         raise SystemExit(f"image: {e}") from None
     release = str(info["release"])
-    shutil.copyfile(root / "boot" / f"vmlinuz-{release}", tmp / "vmlinuz")
+    vmlinuz = kernel_image(root, release)
+    assert vmlinuz is not None  # checked by _configure
+    shutil.copyfile(vmlinuz, tmp / "vmlinuz")
     vmlinux = extract_vmlinux(tmp / "vmlinuz")
     if vmlinux is not None:
         (tmp / "vmlinux").write_bytes(vmlinux)
