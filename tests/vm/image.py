@@ -36,6 +36,7 @@ class Distro:
     kernel_suite: str  # apt -t target for the kernel and headers (security has the newest kernel)
     extra_suites: tuple[str, ...] = ()  # more suites on the main mirror, e.g. backports
     packages: tuple[str, ...] = ()  # more packages for this distro only
+    kernel_packages: tuple[str, ...] = ()  # installed with the kernel, from kernel_suite
 
 
 # Builds the lockdep kernel (tests/vm/lockdep-kernel) inside the bookworm root, so that
@@ -48,8 +49,15 @@ DISTROS: dict[str, Distro] = {
     "bullseye": Distro(suite="bullseye", kernel_suite="bullseye-security"),
     "bookworm": Distro(suite="bookworm", kernel_suite="bookworm-security", packages=KERNEL_BUILD_PACKAGES),
     "trixie": Distro(suite="trixie", kernel_suite="trixie-security"),
-    # The newest Debian kernel (7.x) with trixie's userland.
-    "trixie-backports": Distro(suite="trixie", kernel_suite="trixie-backports", extra_suites=("trixie-backports",)),
+    # The newest Debian kernel (7.x) with trixie's userland. initramfs-tools: its
+    # update-initramfs is diverted to true below; without it apt picks dracut for the
+    # 7.x kernel, which then tries to build an initramfs in the chroot, and fails.
+    "trixie-backports": Distro(
+        suite="trixie",
+        kernel_suite="trixie-backports",
+        extra_suites=("trixie-backports",),
+        kernel_packages=("initramfs-tools",),
+    ),
 }
 DEFAULT_DISTRO = "bookworm"
 
@@ -70,9 +78,7 @@ BASE_PACKAGES = (
     "util-linux",
     "xz-utils",
 )
-# initramfs-tools: its update-initramfs is diverted to true below; without it, apt may
-# pick dracut for the 7.x kernels, which then builds an initramfs in the chroot and fails.
-KERNEL_PACKAGES = ("linux-image-amd64", "linux-headers-amd64", "initramfs-tools")
+KERNEL_PACKAGES = ("linux-image-amd64", "linux-headers-amd64")
 # Installed with apt after the kernel (debootstrap cannot configure these in its base pass).
 # python3-bcrypt: basic-auth hashes of --web.config.file; pytest-timeout: no test hangs.
 APT_PACKAGES = ("python3-bcrypt", "python3-pytest-timeout")
@@ -506,6 +512,7 @@ def _configure(name: str, distro: Distro, root: Path, build_log: Path) -> dict[s
             "-t",
             distro.kernel_suite,
             *KERNEL_PACKAGES,
+            *distro.kernel_packages,
             out=build_log,
         )
         packages = (*APT_PACKAGES, *distro.packages)
