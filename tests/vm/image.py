@@ -20,6 +20,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -454,6 +455,15 @@ def kernel_image(root: Path, release: str) -> Path | None:
     return None
 
 
+def cached_versions(cache: Path, name: str, building: bool = False) -> list[Path]:
+    """<name>-<hash> entries of a cache (or <name>-<hash>.tmp<pid> ones, building).
+
+    An exact match: a glob of "trixie-*" would take trixie-backports' images too.
+    """
+    pattern = re.compile(re.escape(name) + (r"-[0-9a-f]{16}\.tmp\d+" if building else r"-[0-9a-f]{16}"))
+    return sorted(p for p in cache.iterdir() if pattern.fullmatch(p.name))
+
+
 def _in_use(path: Path) -> bool:
     # A QEMU still running on an old image (another checkout, another branch) keeps it.
     needle = str(path).encode()
@@ -596,7 +606,7 @@ def build(name: str, force: bool = False) -> Path:
         if is_built(final) and not force:
             return final  # the other build made it
         # Anything half-built is from a build that died: we hold the lock.
-        for stale in cache.glob(f"{name}-*.tmp*"):
+        for stale in cached_versions(cache, name, building=True):
             safe_rmtree(stale)
         tmp = cache / f"{final.name}.tmp{os.getpid()}"
         tmp.mkdir()
@@ -616,7 +626,7 @@ def build(name: str, force: bool = False) -> Path:
         if final.exists():
             safe_rmtree(final)  # --force
         os.rename(tmp, final)
-        for old in cache.glob(f"{name}-*"):
+        for old in cached_versions(cache, name):
             if old != final and old.is_dir() and not _in_use(old):
                 safe_rmtree(old)
         log(f"built {name} (kernel {info['release']}) in {info['build_seconds']} s: {final}")
