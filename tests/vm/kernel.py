@@ -11,7 +11,7 @@ it. It boots with the bookworm root. A kernel is a directory
         initrd.cpio.gz         the image's /init, no modules (9p and virtio are built in)
         modules/<release>/     what the guest sees as /lib/modules/<release>/: modules.*
                                from modules_install, and build/, the whole build tree
-        info.json, build.log
+        config                 the resulting .config; info.json, build.log
 
 where <hash> covers lockdep.config, the linux-source package version and BUILD_RECIPE.
 
