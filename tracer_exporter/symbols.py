@@ -13,6 +13,10 @@ from dataclasses import dataclass
 # reaches exactly one of these from the caller; some call another inside
 # (5.x __kmalloc -> kmalloc_order_trace, 6.11+ __kmalloc_noprof ->
 # __kmalloc_large_node_noprof), which the BPF side counts once.
+# Positions are read from each kernel's include/linux/slab.h, checked on 5.10
+# (bullseye), 6.1, 6.12 and 7.3 (trixie-backports). In 7.x the bucket and
+# kmalloc-token parameters (SLAB_BUCKETS, KMALLOC_PARTITION_CACHES) come after
+# the size, so its position holds.
 KMALLOC_SYMBOLS: tuple[tuple[str, int], ...] = (
     # 5.x
     ("__kmalloc", 1),
@@ -36,7 +40,7 @@ KMALLOC_SYMBOLS: tuple[tuple[str, int], ...] = (
     ("__kmalloc_noprof", 1),
     ("__kmalloc_node_noprof", 1),
     ("__kmalloc_node_track_caller_noprof", 1),
-    # 6.11+
+    # 6.11+ (7.3 too)
     ("__kmalloc_cache_noprof", 3),
     ("__kmalloc_cache_node_noprof", 4),
     ("__kmalloc_large_noprof", 1),

@@ -79,6 +79,7 @@ def run_kthread(exporter, workload, ops: str):
     return pid, workload.wait(pid, 30000)
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("ops", OPS.values(), ids=OPS.keys())
 def test_exact_counts_in_tracer_and_metrics(exporter, workload, ops):
     baseline_allocs = alloc_entries(exporter)
@@ -199,6 +200,7 @@ def test_threads_share_one_row_that_survives_a_thread_exit(exporter, workload):
     assert worker.pid not in exporter.tracer()
 
 
+@pytest.mark.exact
 def test_process_exit_drops_the_row(exporter):
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
@@ -220,6 +222,7 @@ def test_control_errors(exporter):
     assert exporter.request("GET", "/-/healthy")[0] == 200
 
 
+@pytest.mark.exact
 def test_probes_attached_on_this_kernel(exporter):
     m = exporter.metrics()
     attached = {
@@ -241,6 +244,7 @@ def test_probes_attached_on_this_kernel(exporter):
     assert {s for _, s in attached} <= kallsyms
 
 
+@pytest.mark.exact
 def test_check_prints_a_symbol_for_every_function():
     out = subprocess.run(["tracer-exporter", "--check"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -20,6 +20,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,12 +36,29 @@ class Distro:
     suite: str  # what debootstrap installs
     kernel_suite: str  # apt -t target for the kernel and headers (security has the newest kernel)
     extra_suites: tuple[str, ...] = ()  # more suites on the main mirror, e.g. backports
+    packages: tuple[str, ...] = ()  # more packages for this distro only
+    kernel_packages: tuple[str, ...] = ()  # installed with the kernel, from kernel_suite
 
 
-# One entry per bootable guest; a new distro (bullseye, trixie-backports, ...) is one more line.
+# Builds the lockdep kernel (tests/vm/lockdep-kernel) inside the bookworm root, so that
+# the kernel and the workload module built against it use the same compiler.
+KERNEL_BUILD_PACKAGES = ("linux-source-6.1", "bc", "bison", "flex", "libelf-dev")
+
+# One entry per bootable guest; a new distro is one more line.
 DISTROS: dict[str, Distro] = {
-    "bookworm": Distro(suite="bookworm", kernel_suite="bookworm-security"),
+    # 5.10, bcc 0.18, Python 3.9: the oldest kernel and userland we support.
+    "bullseye": Distro(suite="bullseye", kernel_suite="bullseye-security"),
+    "bookworm": Distro(suite="bookworm", kernel_suite="bookworm-security", packages=KERNEL_BUILD_PACKAGES),
     "trixie": Distro(suite="trixie", kernel_suite="trixie-security"),
+    # The newest Debian kernel (7.x) with trixie's userland. initramfs-tools: its
+    # update-initramfs is diverted to true below; without it apt picks dracut for the
+    # 7.x kernel, which then tries to build an initramfs in the chroot, and fails.
+    "trixie-backports": Distro(
+        suite="trixie",
+        kernel_suite="trixie-backports",
+        extra_suites=("trixie-backports",),
+        kernel_packages=("initramfs-tools",),
+    ),
 }
 DEFAULT_DISTRO = "bookworm"
 
@@ -366,8 +384,9 @@ def initramfs_modules(moddir: Path, wanted: tuple[str, ...] = INITRAMFS_MODULES)
     return [moddir / deps[n][0] for n in order]
 
 
-def build_initramfs(moddir: Path, dest: Path) -> list[str]:
-    mods = initramfs_modules(moddir)
+def build_initramfs(moddir: Path | None, dest: Path) -> list[str]:
+    """Write the initramfs; moddir None: a kernel with 9p and virtio built in needs no modules."""
+    mods = initramfs_modules(moddir) if moddir is not None else []
     names = [f"{_module_name(m.name)}.ko" for m in mods]
     none = (0, 0)
     entries = [(d, 0o40755, b"", none) for d in ("bin", "dev", "proc", "sys", "modules", "newroot")]
@@ -428,6 +447,23 @@ def extract_vmlinux(vmlinuz: Path) -> bytes | None:
     return None
 
 
+def kernel_image(root: Path, release: str) -> Path | None:
+    """The image's vmlinuz: in /boot, or (Debian's split 7.x packages) beside its modules."""
+    for path in (f"/boot/vmlinuz-{release}", f"/usr/lib/modules/{release}/vmlinuz"):
+        if root_path(root, path).is_file():
+            return root_path(root, path)
+    return None
+
+
+def cached_versions(cache: Path, name: str, building: bool = False) -> list[Path]:
+    """<name>-<hash> entries of a cache (or <name>-<hash>.tmp<pid> ones, building).
+
+    An exact match: a glob of "trixie-*" would take trixie-backports' images too.
+    """
+    pattern = re.compile(re.escape(name) + (r"-[0-9a-f]{16}\.tmp\d+" if building else r"-[0-9a-f]{16}"))
+    return sorted(p for p in cache.iterdir() if pattern.fullmatch(p.name))
+
+
 def _in_use(path: Path) -> bool:
     # A QEMU still running on an old image (another checkout, another branch) keeps it.
     needle = str(path).encode()
@@ -486,9 +522,11 @@ def _configure(name: str, distro: Distro, root: Path, build_log: Path) -> dict[s
             "-t",
             distro.kernel_suite,
             *KERNEL_PACKAGES,
+            *distro.kernel_packages,
             out=build_log,
         )
-        chroot(root, "apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES, out=build_log)
+        packages = (*APT_PACKAGES, *distro.packages)
+        chroot(root, "apt-get", "install", "-y", "--no-install-recommends", *packages, out=build_log)
         pyver = chroot(
             root,
             "python3",
@@ -519,8 +557,8 @@ def _configure(name: str, distro: Distro, root: Path, build_log: Path) -> dict[s
     build_link = moddirs[0] / "build"
     if not root_path(root, f"/lib/modules/{release}/build/Makefile").is_file():
         raise BuildError(f"{build_link} -> {os.readlink(build_link)} has no Makefile", build_log)
-    if not (root / "boot" / f"vmlinuz-{release}").is_file():
-        raise BuildError(f"no /boot/vmlinuz-{release} in the image", build_log)
+    if kernel_image(root, release) is None:
+        raise BuildError(f"no /boot/vmlinuz-{release} or /usr/lib/modules/{release}/vmlinuz in the image", build_log)
 
     # The checkout (shared at /src) is importable, and the console script runs it.
     site = root / f"usr/local/lib/python{pyver}/dist-packages"
@@ -568,7 +606,7 @@ def build(name: str, force: bool = False) -> Path:
         if is_built(final) and not force:
             return final  # the other build made it
         # Anything half-built is from a build that died: we hold the lock.
-        for stale in cache.glob(f"{name}-*.tmp*"):
+        for stale in cached_versions(cache, name, building=True):
             safe_rmtree(stale)
         tmp = cache / f"{final.name}.tmp{os.getpid()}"
         tmp.mkdir()
@@ -588,7 +626,7 @@ def build(name: str, force: bool = False) -> Path:
         if final.exists():
             safe_rmtree(final)  # --force
         os.rename(tmp, final)
-        for old in cache.glob(f"{name}-*"):
+        for old in cached_versions(cache, name):
             if old != final and old.is_dir() and not _in_use(old):
                 safe_rmtree(old)
         log(f"built {name} (kernel {info['release']}) in {info['build_seconds']} s: {final}")
@@ -608,7 +646,9 @@ def _build_into(name: str, distro: Distro, tmp: Path, build_log: Path) -> dict[s
         sys.stderr.write("\n".join(tail) + "\n")
         raise SystemExit(f"image: {e}") from None
     release = str(info["release"])
-    shutil.copyfile(root / "boot" / f"vmlinuz-{release}", tmp / "vmlinuz")
+    vmlinuz = kernel_image(root, release)
+    assert vmlinuz is not None  # checked by _configure
+    shutil.copyfile(vmlinuz, tmp / "vmlinuz")
     vmlinux = extract_vmlinux(tmp / "vmlinuz")
     if vmlinux is not None:
         (tmp / "vmlinux").write_bytes(vmlinux)
