@@ -8,7 +8,7 @@ DISTROS ?= bookworm trixie
 EXACT_GUESTS ?= bullseye lockdep trixie-backports
 # Guests at once: each is single-threaded TCG, one host core.
 GUEST_JOBS ?= 2
-GUEST_TIMEOUT ?= 1500
+GUEST_TIMEOUT ?= 2700
 # No single test may hang a run: pytest-timeout fails it after this many seconds.
 TEST_TIMEOUT ?= 600
 VM := tests/vm/run

@@ -164,11 +164,12 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(tmp_path, workload):
         assert exp.stop() == 0
 
 
-def test_the_tracked_limit_is_a_409_and_the_rest_stay_exact(tmp_path, workload):
+def test_the_limits_are_a_409_and_a_counter_and_the_rest_stays_exact(tmp_path, workload):
     config = tmp_path / "c.yaml"
-    config.write_text("limits: {max_tracked_processes: 3}\n")
-    exp = started("--config.file", str(config), log_name="limit")
+    config.write_text("limits: {max_tracked_processes: 3, alloc_map_entries: 16}\n")
+    exp = started("--config.file", str(config), log_name="limits")
     pids = [workload.spawn(f"mutex:{10 + i}") for i in range(4)]
+    allocating = workload.spawn("kmalloc:40:100 kfree:all")
     try:
         for pid in pids[:3]:
             exp.track(pid)
@@ -181,23 +182,13 @@ def test_the_tracked_limit_is_a_409_and_the_rest_stay_exact(tmp_path, workload):
         assert sorted(rows) == sorted(pids[:3])
         assert [rows[p][LOCK] for p in pids[:3]] == [10, 11, 12]
         # Room again after a DELETE.
-        assert exp.request("DELETE", f"/pids/{pids[0]}")[0] == 200
+        for pid in pids[:3]:
+            assert exp.request("DELETE", f"/pids/{pid}")[0] == 200
         exp.track(pids[3])
-    finally:
-        for pid in pids:
-            workload.stop(pid)
-        assert exp.stop() == 0
-
-
-def test_a_full_alloc_map_is_counted_and_kfree_bytes_stay_exact_for_the_rest(tmp_path, workload):
-    config = tmp_path / "c.yaml"
-    config.write_text("limits: {alloc_map_entries: 16}\n")
-    exp = started("--config.file", str(config), log_name="alloc-limit")
-    pid = workload.spawn("kmalloc:40:100 kfree:all")
-    try:
-        exp.track(pid)
-        tally = kthread_job(exp, workload, pid)
-        row = exp.tracer()[pid]
+        # A full alloc map: 40 blocks, room for 16.
+        exp.track(allocating)
+        tally = kthread_job(exp, workload, allocating)
+        row = exp.tracer()[allocating]
         assert (tally.kmalloc, tally.kmalloc_bytes, tally.kfree, tally.kfree_bytes) == (40, 4000, 40, 4000)
         # Every call is counted; only the 16 blocks the map could hold have a known size at kfree.
         assert row[:4] == [40, 40, 4000, 1600]
@@ -206,7 +197,8 @@ def test_a_full_alloc_map_is_counted_and_kfree_bytes_stay_exact_for_the_rest(tmp
         assert alloc_entries(exp) == 0
         assert missed(exp) == 0
     finally:
-        workload.stop(pid)
+        for pid in (*pids, allocating):
+            workload.stop(pid)
         assert exp.stop() == 0
 
 
@@ -338,8 +330,9 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-def test_churn_soak(tmp_path, workload):
-    exp = started("--state.file", str(tmp_path / "state.json"), log_name="churn")
+@pytest.mark.timeout(1800)
+def test_churn_soak(exporter, workload):
+    exp = exporter
     baseline = alloc_entries(exp)
     workers = 4
     warmup = CHURN // 10
@@ -388,4 +381,3 @@ def test_churn_soak(tmp_path, workload):
         sys.stderr.write(f"churn: {CHURN} processes, {scraper.scrapes} scrapes, RSS {rss} KiB\n")
     finally:
         scraper.stop()
-        assert exp.stop() == 0
