@@ -174,6 +174,8 @@ def load_config(path: str | None) -> Config:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from e
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -220,6 +220,8 @@ def load_web_config(path: str | None) -> WebConfig:
         raise WebConfigError(f"web config {path}: {e.strerror or e}") from e
     except yaml.YAMLError as e:
         raise WebConfigError(f"web config {path}: not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise WebConfigError(f"web config {path}: not UTF-8 text (byte {e.start})") from e
     config = parse_web_config(doc, Path(path).resolve().parent)
     config.ssl_context()
     return config

@@ -98,6 +98,16 @@ def test_missing_file(tmp_path):
         load_config(str(tmp_path / "absent.yaml"))
 
 
+def test_unreadable_file(tmp_path):
+    # A directory cannot be read as a file, even by root (who ignores file modes).
+    with pytest.raises(ConfigError, match="cannot read the config file: Is a directory"):
+        load_config(str(tmp_path))
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"pids: [\xff\xfe]\n")
+    with pytest.raises(ConfigError, match=r"binary.yaml: not UTF-8 text \(byte 7\)"):
+        load_config(str(path))
+
+
 def test_empty_file_is_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("")

@@ -298,3 +298,10 @@ def test_plain_server_without_web_config(serve):
     conn.request("GET", "/")
     r = conn.getresponse()
     assert (r.status, r.read()) == (200, b"http -\n")
+
+
+def test_a_web_config_that_is_not_text_is_a_clear_error(tmp_path):
+    path = tmp_path / "web.yml"
+    path.write_bytes(b"basic_auth_users:\n  \xff: x\n")
+    with pytest.raises(WebConfigError, match="not UTF-8 text"):
+        load_web_config(str(path))
