@@ -8,7 +8,7 @@ GUEST_TIMEOUT ?= 1500
 TEST_TIMEOUT ?= 600
 VM := tests/vm/run
 
-.PHONY: test run setup host-tools lint unit integration guest images clean
+.PHONY: test run setup host-tools lint unit integration guest images clean bench
 
 test: setup lint unit integration guest
 
@@ -64,6 +64,18 @@ guest: setup
 				python3 -m pytest -q -p no:cacheprovider --timeout $(TEST_TIMEOUT) -m guest tests/guest || rc=$$?; \
 		fi; \
 		[ $$rc = 0 ] || exit $$rc; \
+	done
+
+# The performance benchmark (bench/README.md): one guest boot per distro, every
+# configuration interleaved; writes bench/results/<kernel>.md. Not part of `make test`.
+BENCH_DISTROS ?= $(DISTROS)
+BENCH_REPS ?= 5
+bench: setup
+	@set -e; for d in $(BENCH_DISTROS); do \
+		echo "== benchmark on $$d =="; \
+		tests/vm/in-image --distro $$d -- sh tests/workload/prebuild.sh; \
+		tests/vm/in-image --distro $$d -- sh bench/extras.sh; \
+		$(VM) --distro $$d --timeout 7200 -- python3 bench/run.py --reps $(BENCH_REPS); \
 	done
 
 images: setup

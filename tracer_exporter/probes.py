@@ -11,6 +11,7 @@ import ctypes as ct
 import errno
 import logging
 import os
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -38,6 +39,9 @@ TRACK_KEEP = 2
 EVENT_POLL_FOREVER = -1
 SOURCE_NAME = "tracer.bpf.c"
 MODE_KPROBE = "kprobe"
+# The tracepoints of bpf/tracer.bpf.c, which BCC attaches at load.
+TP_EXIT = b"sched:sched_process_exit"
+TP_FORK = b"sched_process_fork"
 MODE_FENTRY = "fentry"
 
 
@@ -99,6 +103,17 @@ def fentry_unsupported() -> str:
     return ""
 
 
+def _leaf_struct(leaf: type) -> struct.Struct | None:
+    """struct counters of bpf/tracer.bpf.c as a struct format, if the layout is the expected one."""
+    layout = struct.Struct("=9QII16s")  # the counters, parent, flags, comm
+    names = [f[0] for f in leaf._fields_]  # type: ignore[attr-defined]
+    if names != [*Counts._fields, "parent", "flags", "comm"] or ct.sizeof(leaf) != layout.size:
+        return None
+    if leaf.parent.offset != 72 or leaf.comm.offset != 80:  # type: ignore[attr-defined]
+        return None
+    return layout
+
+
 def _errno(res: int) -> int:
     # libbcc returns -errno from newer libbpf and -1 with errno from older ones.
     return -res if res < -1 else ct.get_errno()
@@ -118,6 +133,7 @@ class KernelProbes:
         self._stopping = threading.Event()
         self._warned_parents: set[int] = set()
         self.mode = MODE_KPROBE  # what load() really used
+        self._detached = False
         self._batch: dict[str, tuple[ct.Array, ct.Array]] = {}  # reusable batch-read buffers per map
         self._batch_ok = True
 
@@ -167,6 +183,11 @@ class KernelProbes:
     def attach(self) -> list[Attachment]:
         """Attach every probe of the plan; a failing symbol does not stop the rest."""
         assert self._bpf is not None
+        if self._detached:
+            # BCC attached the tracepoint handlers at load; detach() took them off.
+            self._bpf.attach_tracepoint(tp=TP_EXIT, fn_name=b"tracepoint__" + TP_EXIT.replace(b":", b"__"))
+            self._bpf.attach_raw_tracepoint(tp=TP_FORK, fn_name=b"raw_tracepoint__" + TP_FORK)
+            self._detached = False
         if self.mode == MODE_FENTRY:
             return self._attach_fentry()
         out: list[Attachment] = []
@@ -207,6 +228,10 @@ class KernelProbes:
         """Detach every probe but keep the program and its maps (attach() again
         to resume); for the benchmark, which interleaves configurations."""
         assert self._bpf is not None
+        if not self._detached:
+            self._bpf.detach_tracepoint(tp=TP_EXIT)
+            self._bpf.detach_raw_tracepoint(tp=TP_FORK)
+            self._detached = True
         if self.mode == MODE_FENTRY:
             for name in list(self._bpf.kfunc_entry_fds):
                 self._bpf.detach_kfunc(fn_name=name)
@@ -260,13 +285,23 @@ class KernelProbes:
         return Entry(counts, int(v.parent), comm)  # type: ignore[attr-defined]
 
     def read_all(self) -> dict[int, Entry]:
-        items = self._read_batch("tracked", self._tracked)
-        if items is None:
+        got = self._read_batch("tracked", self._tracked)
+        if got is None:
             # Per key: two syscalls an entry (next key, lookup).
-            items = [(k.value, v) for k, v in self._tracked.items()]
-        return {k: self._entry(v) for k, v in items}
+            return {k.value: self._entry(v) for k, v in self._tracked.items()}
+        keys, values, total = got
+        unpack = _leaf_struct(self._tracked.Leaf)
+        if unpack is None or ct.sizeof(self._tracked.Key) != 4:
+            return {int(k): self._entry(v) for k, v in zip(keys[:total], values[:total])}
+        # Straight from the bytes: ctypes field access costs more than the syscalls.
+        pids = struct.unpack(f"={total}I", ct.string_at(ct.addressof(keys), 4 * total))
+        raw = ct.string_at(ct.addressof(values), unpack.size * total)
+        return {
+            pid: Entry(Counts._make(rec[:9]), rec[9], rec[11].split(b"\0", 1)[0].decode(errors="replace"))
+            for pid, rec in zip(pids, unpack.iter_unpack(raw))
+        }
 
-    def _read_batch(self, name: str, table: object) -> list[tuple[int, object]] | None:
+    def _read_batch(self, name: str, table: object) -> tuple[ct.Array, ct.Array, int] | None:
         """Every entry of a hash map in a few BPF_MAP_LOOKUP_BATCH calls, or None
         where bcc (before 0.20) or the kernel (before 5.6) lacks them."""
         lookup = getattr(self._lib, "bpf_lookup_batch", None)
@@ -301,8 +336,7 @@ class KernelProbes:
                     return None
                 raise OSError(err, f"reading the {name} map: {os.strerror(err)}")
             in_batch.value = out_batch.value
-        # An array of a simple ctypes type gives ints; of a struct, objects.
-        return [(int(getattr(k, "value", k)), v) for k, v in zip(keys[:total], values[:total])]
+        return keys, values, total
 
     def pop_exited(self) -> dict[int, Entry]:
         """Final counters of processes that exited while kept (see keep_exited)."""

@@ -107,11 +107,13 @@ class App:
         registry: CollectorRegistry,
         not_ready: Callable[[], list[str]],
         control_networks: Sequence[Any] | None = None,
+        metrics_app: Callable[..., Iterable[bytes]] | None = None,
     ) -> None:
         self.tracker = tracker
         self.not_ready = not_ready
         self.control_networks = list(control_networks) if control_networks is not None else parse_networks(LOOPBACK)
-        self._metrics = make_wsgi_app(registry)
+        # cli passes exposition.MetricsApp: the per-process families without per-sample objects.
+        self._metrics = metrics_app or make_wsgi_app(registry)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "") or "/"
