@@ -136,6 +136,7 @@ class KernelProbes:
         self._detached = False
         self._batch: dict[str, tuple[ct.Array, ct.Array]] = {}  # reusable batch-read buffers per map
         self._batch_ok = True
+        self._entries: dict[bytes, Entry] = {}  # the last read's entries, by their bytes
 
     def load(self) -> None:
         try:
@@ -294,12 +295,20 @@ class KernelProbes:
         if unpack is None or ct.sizeof(self._tracked.Key) != 4:
             return {int(k): self._entry(v) for k, v in zip(keys[:total], values[:total])}
         # Straight from the bytes: ctypes field access costs more than the syscalls.
+        # An entry whose bytes did not change since the last read is not decoded again.
         pids = struct.unpack(f"={total}I", ct.string_at(ct.addressof(keys), 4 * total))
-        raw = ct.string_at(ct.addressof(values), unpack.size * total)
-        return {
-            pid: Entry(Counts._make(rec[:9]), rec[9], rec[11].split(b"\0", 1)[0].decode(errors="replace"))
-            for pid, rec in zip(pids, unpack.iter_unpack(raw))
-        }
+        size = unpack.size
+        raw = ct.string_at(ct.addressof(values), size * total)
+        seen, now, out = self._entries, {}, {}
+        for i, pid in enumerate(pids):
+            rec = raw[i * size : (i + 1) * size]
+            entry = seen.get(rec)
+            if entry is None:
+                v = unpack.unpack(rec)
+                entry = Entry(Counts._make(v[:9]), v[9], v[11].split(b"\0", 1)[0].decode(errors="replace"))
+            now[rec] = out[pid] = entry
+        self._entries = now
+        return out
 
     def _read_batch(self, name: str, table: object) -> tuple[ct.Array, ct.Array, int] | None:
         """Every entry of a hash map in a few BPF_MAP_LOOKUP_BATCH calls, or None
