@@ -9,10 +9,12 @@ one boot. Writes bench/results/<kernel>.md and prints it.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -309,12 +311,12 @@ TARGETS = (
 )
 
 
-def report(setups: list[Setup], times: dict, checks: list[dict], meta: dict) -> str:
-    names = [s.name for s in setups]
+def report(setups: list[tuple[str, str]], times: dict, checks: list[dict], meta: dict) -> str:
+    names = [name for name, _ in setups]
     out = [f"# Benchmark: kernel {meta['kernel']}", ""]
     out += [f"- {k}: {v}" for k, v in meta.items() if k != "kernel"]
     out += ["", "Configurations:", ""]
-    out += [f"- `{s.name}`: {s.describe}" for s in setups]
+    out += [f"- `{name}`: {describe}" for name, describe in setups]
     out += ["", "## Seconds per run: median (min to max)", ""]
     out += ["| config | " + " | ".join(WORKLOAD_NAMES) + " |", "|---|" + "---|" * len(WORKLOAD_NAMES)]
     for n in names:
@@ -338,8 +340,11 @@ def report(setups: list[Setup], times: dict, checks: list[dict], meta: dict) -> 
     out += ["", "## Targets", ""]
     out += ["| target | workload | ratio | limit | result |", "|---|---|---|---|---|"]
     for config, w, other, limit, what in TARGETS:
-        r = ratio(times, config, w, other)
+        r = ratio(times, config, other, w)
         verdict = "met" if r <= limit else f"missed by {r / limit - 1:.0%} ({r:.2f} vs {limit})"
+        if min(paired(times, config, w)) <= 0 or min(paired(times, other, w)) <= 0:
+            # Some repetition ran faster with probes than without: the noise is larger than the overhead.
+            verdict = f"inconclusive: an overhead's range includes 0 ({verdict} on the medians)"
         out.append(f"| {config}: {what} | {w} | {r:.2f} | {limit} | {verdict} |")
     missed = [c for c in checks if c.get("missed")]
     out += ["", "## Checks", ""]
@@ -354,6 +359,14 @@ def report(setups: list[Setup], times: dict, checks: list[dict], meta: dict) -> 
 
 
 WORKLOAD_NAMES = ("A", "B", "C")
+DESCRIPTIONS = (
+    ("none", "no probes"),
+    ("floor-kprobe", "empty programs on the kprobe mode's attach points"),
+    ("exporter-kprobe", "this exporter, probes.mode kprobe"),
+    ("floor-fentry", "empty programs on the fentry mode's attach points"),
+    ("exporter-fentry", "this exporter, probes.mode fentry"),
+    ("bpftrace", "bpftrace, the same accounting (bench/bpftrace_script.py)"),
+)
 
 
 def ratio(times: dict, a: str, b: str, w: str) -> float:
@@ -365,12 +378,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / f"{platform.release()}.md"))
+    parser.add_argument("--out", default=None, help="default: bench/results/<kernel>.md")
+    parser.add_argument("--replay", metavar="LOG", help="write the report again from a run's output")
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main()
+    if args.replay:
+        return replay(Path(args.replay), args.out)
     if args.reps < 1:
         parser.error("--reps must be at least 1")
+    args.out = args.out or str(REPO / "bench" / "results" / f"{platform.release()}.md")
     root = extras_root()
     build_and_load(REPO / "tests" / "workload")
     plan = resolve(read_kallsyms())
@@ -389,30 +406,69 @@ def main(argv: list[str]) -> int:
             s.prepare(tracked.pid)
             print(f"prepared {s.name} in {time.monotonic() - started:.0f} s", flush=True)
         workloads = {"A": untracked.run, "B": tracked.run, "C": lambda: hackbench(root)}
+        print("meta " + json.dumps(meta_of(setups, args.reps)), flush=True)
         times, checks = measure(setups, args.reps, args.seed, workloads)
     finally:
         untracked.close()
         tracked.close()
-    bpftrace = next(s for s in setups if isinstance(s, Bpftrace))
+    meta = meta_of(setups, args.reps)
+    write(args.out, [(s.name, s.describe) for s in setups], times, checks, meta)
+    return 0
+
+
+def meta_of(setups: list[Setup], reps: int) -> dict:
     import bcc
 
-    meta = {
+    bpftrace = next(s for s in setups if isinstance(s, Bpftrace))
+    return {
         "kernel": platform.release(),
         "bcc": getattr(bcc, "__version__", "?"),
         "bpftrace": bpftrace.version,
-        "repetitions": args.reps,
+        "repetitions": reps,
         "CPUs": os.cpu_count(),
         "workload A": f"untracked process: {PAIRS} kmalloc(64)/kfree and {PAIRS} mutex_lock/unlock pairs",
         "workload B": "the same in a tracked process",
         "workload C": "untracked: hackbench " + " ".join(HACKBENCH_ARGS),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def write(out: str, setups: list[tuple[str, str]], times: dict, checks: list[dict], meta: dict) -> None:
+    (Path(out).with_suffix(".json")).write_text(json.dumps({"meta": meta, "times": times, "checks": checks}, indent=1))
     text = report(setups, times, checks, meta)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    (Path(args.out).with_suffix(".json")).write_text(json.dumps({"times": times, "checks": checks}, indent=1))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
     print(text)
+
+
+REP_LINE = re.compile(r"^rep (\d+)/\d+ (\S+)\s+A=([\d.]+)s B=([\d.]+)s C=([\d.]+)s (\{.*\})$")
+
+
+def replay(log_path: Path, out: str | None) -> int:
+    """The report from the lines a run printed (its "meta" line and its "rep" lines)."""
+    meta: dict = {}
+    times: dict[str, dict[str, list[float]]] = {}
+    checks: list[dict] = []
+    for line in log_path.read_text().splitlines():
+        if line.startswith("meta "):
+            meta = json.loads(line[5:])
+        m = REP_LINE.match(line)
+        if m:
+            rep, name = int(m.group(1)) - 1, m.group(2)
+            t = times.setdefault(name, {w: [] for w in WORKLOAD_NAMES})
+            for w, v in zip(WORKLOAD_NAMES, m.group(3, 4, 5)):
+                t[w].append(float(v))
+            checks.append({"rep": rep, "config": name, **ast.literal_eval(m.group(6))})
+    if not meta or not times:
+        raise SystemExit(f"bench: no meta line or no rep lines in {log_path}")
+    described = dict(DESCRIPTIONS)
+    setups = [(n, described[n]) for n in times_order(times)]
+    write(out or str(REPO / "bench" / "results" / f"{meta['kernel']}.md"), setups, times, checks, meta)
     return 0
+
+
+def times_order(times: dict) -> list[str]:
+    return [n for n, _ in DESCRIPTIONS if n in times]
 
 
 if __name__ == "__main__":
