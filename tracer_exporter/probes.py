@@ -137,6 +137,7 @@ class KernelProbes:
         self._batch: dict[str, tuple[ct.Array, ct.Array]] = {}  # reusable batch-read buffers per map
         self._batch_ok = True
         self._entries: dict[bytes, Entry] = {}  # the last read's entries, by their bytes
+        self._last_read: tuple[tuple[int, ...], bytes, dict[int, Entry]] = ((), b"", {})
 
     def load(self) -> None:
         try:
@@ -299,6 +300,8 @@ class KernelProbes:
         pids = struct.unpack(f"={total}I", ct.string_at(ct.addressof(keys), 4 * total))
         size = unpack.size
         raw = ct.string_at(ct.addressof(values), size * total)
+        if (pids, raw) == self._last_read[:2]:
+            return dict(self._last_read[2])  # nothing moved since the last read
         seen, now, out = self._entries, {}, {}
         for i, pid in enumerate(pids):
             rec = raw[i * size : (i + 1) * size]
@@ -308,7 +311,8 @@ class KernelProbes:
                 entry = Entry(Counts._make(v[:9]), v[9], v[11].split(b"\0", 1)[0].decode(errors="replace"))
             now[rec] = out[pid] = entry
         self._entries = now
-        return out
+        self._last_read = (pids, raw, out)
+        return dict(out)
 
     def _read_batch(self, name: str, table: object) -> tuple[ct.Array, ct.Array, int] | None:
         """Every entry of a hash map in a few BPF_MAP_LOOKUP_BATCH calls, or None

@@ -27,9 +27,10 @@ class TracerTable:
         widths = [len(h) for h in HEADER]
         if rows:
             # Counters are not negative: a column's widest number is its largest.
-            widths[0] = max(widths[0], len(str(max(r.pid for r in rows))))
+            columns = list(zip(*[r.counts for r in rows]))
+            widths[0] = max(widths[0], len(str(max([r.pid for r in rows]))))
             for col, i in enumerate(_ORDER, start=1):
-                widths[col] = max(widths[col], len(str(max(r.counts[i] for r in rows))))
+                widths[col] = max(widths[col], len(str(max(columns[i]))))
         if widths != self._widths:
             self._widths, self._lines = widths, {}
         # The last column unpadded, so that no line ends in spaces.
