@@ -74,3 +74,17 @@ def test_a_failing_read_is_counted_and_the_rest_served():
     _, body = scrape(MetricsApp(registry, collector, broken))
     assert 'tracer_scrape_errors_total{part="processes"} 1.0' in body
     assert "tracer_alloc_map_entries 3.0" in body
+
+
+def test_remembered_lines_follow_changed_counters_and_widths():
+    from tracer_exporter.exposition import ProcessText, _headers
+    from tracer_exporter.render import TracerTable, tracer_table
+
+    table, text = TracerTable(), ProcessText(_headers(False))
+    fresh = ProcessText(_headers(False))
+    first = [*ROWS[:1], Row(9, "x", Counts(kfree_calls=1))]
+    later = [*ROWS[:1], Row(9, "x", Counts(kfree_calls=123456))]  # wider kfree column
+    for rows in (first, first, later, ROWS, first):
+        assert table.render(rows) == tracer_table(rows)
+        assert text.render(rows) == ProcessText(_headers(False)).render(rows)
+    assert fresh.render(later) == text.render(later)
