@@ -13,7 +13,7 @@ GUEST_TIMEOUT ?= 2700
 TEST_TIMEOUT ?= 600
 VM := tests/vm/run
 
-.PHONY: test run setup host-tools lint unit integration guest images clean
+.PHONY: test run setup host-tools lint unit integration guest images clean bench
 
 test: setup lint unit integration guest
 
@@ -62,6 +62,18 @@ integration: setup
 guest: setup
 	tests/vm/matrix --jobs $(GUEST_JOBS) --timeout $(GUEST_TIMEOUT) --test-timeout $(TEST_TIMEOUT) \
 		$(addsuffix :full,$(DISTROS)) $(addsuffix :exact,$(EXACT_GUESTS))
+
+# The performance benchmark (bench/README.md): one guest boot per distro, every
+# configuration interleaved; writes bench/results/<kernel>.md. Not part of `make test`.
+BENCH_DISTROS ?= $(DISTROS)
+BENCH_REPS ?= 5
+bench: setup
+	@set -e; for d in $(BENCH_DISTROS); do \
+		echo "== benchmark on $$d =="; \
+		tests/vm/in-image --distro $$d -- sh tests/workload/prebuild.sh; \
+		tests/vm/in-image --distro $$d -- sh bench/extras.sh; \
+		$(VM) --distro $$d --timeout 7200 -- python3 bench/run.py --reps $(BENCH_REPS); \
+	done
 
 images: setup
 	@set -e; for d in $(sort $(DISTROS) $(filter-out lockdep,$(EXACT_GUESTS))); do \

@@ -9,6 +9,11 @@
  *   MAX_TRACKED   tracked processes (the limit the control API enforces)
  *   MAX_ALLOCS    live allocations of tracked processes we remember
  *   MAX_INFLIGHT  threads of tracked processes inside kmalloc at once
+ *   FENTRY_PROBES the fentry/fexit mode's attach points (see the end);
+ *                 unset, the kprobe handlers are attached by user space
+ *
+ * Both modes share every counting function below: a handler only turns its
+ * context into a stack address and arguments.
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -86,23 +91,26 @@ static __always_inline void stat_add(int idx, s64 delta)
  * is current: their work is not the task's. A probe hit counts only when
  * the probed function runs on the current task's own stack. Called after
  * the tracked lookup, so untracked processes never pay for it.
+ *
+ * @sp is a stack address of the probed call: the stack pointer a kprobe
+ * saw, or, under a trampoline, its frame (the context it passes lives
+ * there), which is just below the probed function's own.
  */
-static __always_inline bool on_task_stack(struct pt_regs *ctx)
+static __always_inline bool on_task_stack(u64 sp)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	u64 base = (u64)task->stack;
-	u64 sp = PT_REGS_SP(ctx);
 
 	return sp >= base && sp < base + THREAD_SIZE;
 }
 
-static __always_inline struct counters *current_counters(struct pt_regs *ctx)
+static __always_inline struct counters *current_counters(u64 sp)
 {
 	/* tgid is the user-space pid: all threads share one row. */
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct counters *c = tracked.lookup(&tgid);
 
-	if (c && !on_task_stack(ctx))
+	if (c && !on_task_stack(sp))
 		return NULL;
 	return c;
 }
@@ -114,15 +122,14 @@ static __always_inline struct counters *current_counters(struct pt_regs *ctx)
  * than the call in flight, so it is ignored; an entry at the same or a
  * higher stack pointer replaces a stale record whose return was missed.
  */
-static __always_inline int kmalloc_enter(struct pt_regs *ctx, u64 size)
+static __always_inline int kmalloc_enter(u64 sp, u64 size)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32;
-	u64 sp = PT_REGS_SP(ctx);
 	struct inflight rec = {};
 	struct inflight *cur;
 
-	if (!tracked.lookup(&tgid) || !on_task_stack(ctx))
+	if (!tracked.lookup(&tgid) || !on_task_stack(sp))
 		return 0;
 	cur = inflight.lookup(&id);
 	if (cur && cur->sp > sp)
@@ -142,17 +149,17 @@ static __always_inline int kmalloc_enter(struct pt_regs *ctx, u64 size)
 
 int kmalloc_enter_arg1(struct pt_regs *ctx)
 {
-	return kmalloc_enter(ctx, PT_REGS_PARM1(ctx));
+	return kmalloc_enter(PT_REGS_SP(ctx), PT_REGS_PARM1(ctx));
 }
 
 int kmalloc_enter_arg3(struct pt_regs *ctx)
 {
-	return kmalloc_enter(ctx, PT_REGS_PARM3(ctx));
+	return kmalloc_enter(PT_REGS_SP(ctx), PT_REGS_PARM3(ctx));
 }
 
 int kmalloc_enter_arg4(struct pt_regs *ctx)
 {
-	return kmalloc_enter(ctx, PT_REGS_PARM4(ctx));
+	return kmalloc_enter(PT_REGS_SP(ctx), PT_REGS_PARM4(ctx));
 }
 
 static __always_inline void remember_alloc(u64 addr, u64 size)
@@ -169,21 +176,25 @@ static __always_inline void remember_alloc(u64 addr, u64 size)
 	stat_add(STAT_ALLOC_INSERT_FAILURES, 1);
 }
 
-int kmalloc_return(struct pt_regs *ctx)
+/*
+ * A return inside the recorded call is a nested one's, and is ignored. A
+ * kretprobe (@ret_probe) returns above its entry's stack pointer, so a
+ * nested call returns at or below the outer call's entry. A trampoline's
+ * frame is the same at entry and exit, so a nested call's is below it.
+ */
+static __always_inline int kmalloc_exit(u64 sp, u64 addr, bool ret_probe)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32;
-	u64 addr = PT_REGS_RC(ctx);
 	struct inflight *rec;
 	struct counters *c;
 	u64 size;
 
 	/* Only tracked threads have records: one lookup for everyone else. */
 	rec = inflight.lookup(&id);
-	if (!rec || !on_task_stack(ctx))
+	if (!rec || !on_task_stack(sp))
 		return 0;
-	/* A nested call returns at or below the outer call's entry stack. */
-	if (PT_REGS_SP(ctx) <= rec->sp)
+	if (ret_probe ? sp <= rec->sp : sp < rec->sp)
 		return 0;
 	size = rec->size;
 	inflight.delete(&id);
@@ -198,10 +209,14 @@ int kmalloc_return(struct pt_regs *ctx)
 	return 0;
 }
 
-int kfree_enter(struct pt_regs *ctx)
+int kmalloc_return(struct pt_regs *ctx)
 {
-	u64 addr = PT_REGS_PARM1(ctx);
-	struct counters *c = current_counters(ctx);
+	return kmalloc_exit(PT_REGS_SP(ctx), PT_REGS_RC(ctx), true);
+}
+
+static __always_inline int kfree_hit(u64 sp, u64 addr)
+{
+	struct counters *c = current_counters(sp);
 	u64 *size;
 
 	if (c)
@@ -219,15 +234,25 @@ int kfree_enter(struct pt_regs *ctx)
 	return 0;
 }
 
+int kfree_enter(struct pt_regs *ctx)
+{
+	return kfree_hit(PT_REGS_SP(ctx), PT_REGS_PARM1(ctx));
+}
+
 /* Entry probes only: a task sleeping in schedule() would pin a kretprobe. */
 #define COUNT_CALLS(name, field)				\
-int name(struct pt_regs *ctx)					\
+static __always_inline int name##_hit(u64 sp)			\
 {								\
-	struct counters *c = current_counters(ctx);		\
+	struct counters *c = current_counters(sp);		\
 								\
 	if (c)							\
 		__sync_fetch_and_add(&c->field, 1);		\
 	return 0;						\
+}								\
+								\
+int name(struct pt_regs *ctx)					\
+{								\
+	return name##_hit(PT_REGS_SP(ctx));			\
 }
 
 COUNT_CALLS(schedule_enter, schedule_calls)
@@ -308,3 +333,49 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 		follow_drop(ctx, parent);
 	return 0;
 }
+
+#ifdef FENTRY_PROBES
+/*
+ * The fentry/fexit mode: BPF trampolines instead of kprobes. One program
+ * attaches to one function, so user space lists the attach points of this
+ * kernel in FENTRY_PROBES, e.g.
+ *   -DFENTRY_PROBES='KMALLOC(__kmalloc, 1) KFREE(kfree) CALLS(up, up_enter)'
+ * and each item below expands to the programs BCC attaches at load. The
+ * context is the trampoline's frame on the current stack: its address
+ * stands in for the stack pointer. Arguments and the return value come
+ * from helpers, so no function's prototype is written down here.
+ */
+#define KMALLOC(sym, size_arg)						\
+KFUNC_PROBE(sym)							\
+{									\
+	u64 size = 0;							\
+									\
+	bpf_get_func_arg(ctx, (size_arg) - 1, &size);			\
+	return kmalloc_enter((u64)ctx, size);				\
+}									\
+									\
+KRETFUNC_PROBE(sym)							\
+{									\
+	u64 addr = 0;							\
+									\
+	bpf_get_func_ret(ctx, &addr);					\
+	return kmalloc_exit((u64)ctx, addr, false);			\
+}
+
+#define KFREE(sym)							\
+KFUNC_PROBE(sym)							\
+{									\
+	u64 addr = 0;							\
+									\
+	bpf_get_func_arg(ctx, 0, &addr);				\
+	return kfree_hit((u64)ctx, addr);				\
+}
+
+#define CALLS(sym, handler)						\
+KFUNC_PROBE(sym)							\
+{									\
+	return handler##_hit((u64)ctx);					\
+}
+
+FENTRY_PROBES
+#endif

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from tracer_exporter import __version__
 from tracer_exporter.collector import TracerCollector
 from tracer_exporter.config import Config, ConfigError, load_config
+from tracer_exporter.exposition import MetricsApp
 from tracer_exporter.health import Health, unattached
 from tracer_exporter.procfs import ProcFS, read_boot_id
 from tracer_exporter.server import HTTPServer
@@ -117,8 +118,11 @@ class Exporter:
         self.probes = None
         self.loading = "compiling and attaching the BPF program"
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(TracerCollector(self.tracker.rows, self.health, __version__, platform.release()))
-        app = App(self.tracker, registry, self.not_ready, parse_networks(config.control_allowed_networks))
+        collector = TracerCollector(self.tracker.rows, self.health, __version__, platform.release(), processes=False)
+        registry.register(collector)
+        metrics = MetricsApp(registry, collector, self.tracker.rows)
+        networks = parse_networks(config.control_allowed_networks)
+        app = App(self.tracker, registry, self.not_ready, networks, metrics_app=metrics)
         self.server = HTTPServer(listen, app, web_config)
 
     def health(self) -> Health | None:

@@ -35,16 +35,25 @@ class TracerCollector:
         health: Callable[[], Health | None],
         version: str,
         kernel: str,
+        processes: bool = True,
     ) -> None:
         self._rows = rows
         self._health = health
         self._version = version
         self._kernel = kernel
         self._errors: dict[str, int] = {"processes": 0, "probes": 0}
+        # False: the per-process families are written by exposition.MetricsApp,
+        # which reports here the seconds it spent reading them.
+        self._processes = processes
+        self.extra_seconds = 0.0
+
+    def count_error(self, part: str) -> None:
+        self._errors[part] += 1
 
     def describe(self) -> Iterator[Metric]:
         # Registering must never touch kernel maps: describe from empty families.
-        yield from self._process_families()
+        if self._processes:
+            yield from self._process_families()
         yield from self._health_families(Health())
         yield from self._self_families(0.0)
 
@@ -52,7 +61,8 @@ class TracerCollector:
         start = time.perf_counter()
         # One failing part is logged and counted; the rest is still served.
         try:
-            yield from self._process_families(self._rows())
+            if self._processes:
+                yield from self._process_families(self._rows())
         except Exception:
             log.exception("reading the tracked processes failed")
             self._errors["processes"] += 1
@@ -63,7 +73,8 @@ class TracerCollector:
         except Exception:
             log.exception("reading probe health failed")
             self._errors["probes"] += 1
-        yield from self._self_families(time.perf_counter() - start)
+        took = time.perf_counter() - start + (0.0 if self._processes else self.extra_seconds)
+        yield from self._self_families(took)
 
     def _process_families(self, rows: list[Row] | None = None) -> Iterator[Metric]:
         yield from process_families(rows or [])

@@ -17,6 +17,8 @@ MAX_ALLOC_ENTRIES_LIMIT = 1 << 24
 MAXACTIVE_LIMIT = 4096
 # Control requests are answered for these clients unless the config says otherwise.
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+# kprobe: kprobes and kretprobes (the default); fentry: BPF trampolines where the kernel has them.
+PROBE_MODES = ("kprobe", "fentry")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Config:
     kretprobe_maxactive: int = 1024
     control_allowed_networks: tuple[str, ...] = LOOPBACK
     symbol_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    probe_mode: str = "kprobe"
 
 
 class ConfigError(Exception):
@@ -38,7 +41,7 @@ _SCHEMA: dict[str, set[str]] = {
     "pids": set(),
     "follow_forks": set(),
     "limits": {"max_tracked_processes", "alloc_map_entries"},
-    "probes": {"kretprobe_maxactive", "symbols"},
+    "probes": {"kretprobe_maxactive", "symbols", "mode"},
     "control": {"allowed_networks"},
 }
 
@@ -160,6 +163,11 @@ def parse_config(doc: Any, source: str = "config") -> Config:
         values["control_allowed_networks"] = _networks(control["allowed_networks"], problems)
     if "symbols" in probes:
         values["symbol_overrides"] = _symbols(probes["symbols"], problems)
+    if "mode" in probes:
+        if probes["mode"] in PROBE_MODES:
+            values["probe_mode"] = probes["mode"]
+        else:
+            problems.append(f"probes.mode: expected one of {', '.join(PROBE_MODES)}, got {probes['mode']!r}")
     if problems:
         raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
     return Config(**values)

@@ -11,6 +11,7 @@ import ctypes as ct
 import errno
 import logging
 import os
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -25,6 +26,7 @@ from tracer_exporter.tracking import LimitReached
 log = logging.getLogger(__name__)
 
 BPF_NOEXIST = 1
+ENOTSUPP = 524  # the kernel's own "not supported", which Python's errno lacks
 # Keep in step with enum stat and TRACK_* in bpf/tracer.bpf.c.
 STAT_ALLOC_ENTRIES = 0
 STAT_ALLOC_INSERT_FAILURES = 1
@@ -34,9 +36,14 @@ STAT_EXITED_INSERT_FAILURES = 4
 STAT_RETURNS_LOST = 5
 TRACK_FOLLOW = 1
 TRACK_KEEP = 2
-# How long the follow-drop reader sleeps between checks for shutdown.
-EVENT_POLL_MS = 1000
+# The follow-drop reader blocks until an event comes: nothing wakes between scrapes.
+EVENT_POLL_FOREVER = -1
 SOURCE_NAME = "tracer.bpf.c"
+MODE_KPROBE = "kprobe"
+# The tracepoints of bpf/tracer.bpf.c, which BCC attaches at load.
+TP_EXIT = b"sched:sched_process_exit"
+TP_FORK = b"sched_process_fork"
+MODE_FENTRY = "fentry"
 
 
 class ProbeError(Exception):
@@ -62,14 +69,50 @@ def bpf_source_path() -> Path:
     raise ProbeError(f"BPF source {SOURCE_NAME} not found in: {', '.join(str(p) for p in candidates)}")
 
 
-def cflags(config: Config) -> list[str]:
+def fentry_probes(plan: Plan) -> str:
+    """The FENTRY_PROBES list of bpf/tracer.bpf.c: one item per attach point."""
+    items = []
+    for p in plan.probes:
+        if p.return_handler:
+            items.append(f"KMALLOC({p.symbol}, {p.entry_handler.rsplit('arg', 1)[1]})")
+        elif p.function == "kfree":
+            items.append(f"KFREE({p.symbol})")
+        else:
+            items.append(f"CALLS({p.symbol}, {p.entry_handler})")
+    return " ".join(items)
+
+
+def cflags(config: Config, plan: Plan | None = None, mode: str = MODE_KPROBE) -> list[str]:
     # Threads inside kmalloc at once cannot exceed the return-probe instances.
     inflight = max(config.kretprobe_maxactive * 4, 1024)
-    return [
+    flags = [
         f"-DMAX_TRACKED={config.max_tracked_processes}",
         f"-DMAX_ALLOCS={config.alloc_map_entries}",
         f"-DMAX_INFLIGHT={inflight}",
     ]
+    if mode == MODE_FENTRY and plan is not None:
+        flags.append(f"-DFENTRY_PROBES={fentry_probes(plan)}")
+    return flags
+
+
+def fentry_unsupported() -> str:
+    """Why this kernel cannot run the fentry mode, or "" when it can."""
+    from bcc import BPF
+
+    if not BPF.support_kfunc():
+        return "the kernel has no BTF (/sys/kernel/btf/vmlinux) or no BPF trampolines"
+    return ""
+
+
+def _leaf_struct(leaf: type) -> struct.Struct | None:
+    """struct counters of bpf/tracer.bpf.c as a struct format, if the layout is the expected one."""
+    layout = struct.Struct("=9QII16s")  # the counters, parent, flags, comm
+    names = [f[0] for f in leaf._fields_]  # type: ignore[attr-defined]
+    if names != [*Counts._fields, "parent", "flags", "comm"] or ct.sizeof(leaf) != layout.size:
+        return None
+    if leaf.parent.offset != 72 or leaf.comm.offset != 80:  # type: ignore[attr-defined]
+        return None
+    return layout
 
 
 def _errno(res: int) -> int:
@@ -90,6 +133,12 @@ class KernelProbes:
         self._events: threading.Thread | None = None
         self._stopping = threading.Event()
         self._warned_parents: set[int] = set()
+        self.mode = MODE_KPROBE  # what load() really used
+        self._detached = False
+        self._batch: dict[str, tuple[ct.Array, ct.Array]] = {}  # reusable batch-read buffers per map
+        self._batch_ok = True
+        self._entries: dict[bytes, Entry] = {}  # the last read's entries, by their bytes
+        self._last_read: tuple[tuple[int, ...], bytes, dict[int, Entry]] = ((), b"", {})
 
     def load(self) -> None:
         try:
@@ -102,10 +151,14 @@ class KernelProbes:
             log.warning(
                 "removed %d kprobe events left behind by a killed instance: %s", len(removed), " ".join(removed)
             )
-        try:
-            self._bpf = BPF(text=source.read_text(), cflags=cflags(self._config))
-        except Exception as e:
-            raise ProbeError(f"compiling {source} failed: {e}") from e
+        text = source.read_text()
+        if self._config.probe_mode == MODE_FENTRY:
+            self._bpf = self._load_fentry(BPF, text, source)
+        if self._bpf is None:
+            try:
+                self._bpf = BPF(text=text, cflags=cflags(self._config))
+            except Exception as e:
+                raise ProbeError(f"compiling {source} failed: {e}") from e
         self._tracked = self._bpf.get_table("tracked")
         self._exited = self._bpf.get_table("exited")
         self._stats = self._bpf.get_table("stats")
@@ -113,9 +166,33 @@ class KernelProbes:
 
         self._lib = lib
 
+    def _load_fentry(self, bpf_class: type, text: str, source: Path) -> object | None:
+        """The program in fentry mode (BCC attaches its trampolines at load), or
+        None after one log line saying why the kprobe mode is used instead."""
+        why = fentry_unsupported()
+        if not why:
+            try:
+                bpf = bpf_class(text=text, cflags=cflags(self._config, self._plan, MODE_FENTRY))
+            except Exception as e:
+                why = f"loading the fentry/fexit programs failed: {str(e).strip().splitlines()[-1]}"
+            else:
+                self.mode = MODE_FENTRY
+                self._kfuncs = (list(bpf.kfunc_entry_fds), list(bpf.kfunc_exit_fds))
+                log.info("probes.mode fentry: %d trampoline programs attached", sum(map(len, self._kfuncs)))
+                return bpf
+        log.warning("probes.mode fentry is not available (%s); using kprobes", why)
+        return None
+
     def attach(self) -> list[Attachment]:
         """Attach every probe of the plan; a failing symbol does not stop the rest."""
         assert self._bpf is not None
+        if self._detached:
+            # BCC attached the tracepoint handlers at load; detach() took them off.
+            self._bpf.attach_tracepoint(tp=TP_EXIT, fn_name=b"tracepoint__" + TP_EXIT.replace(b":", b"__"))
+            self._bpf.attach_raw_tracepoint(tp=TP_FORK, fn_name=b"raw_tracepoint__" + TP_FORK)
+            self._detached = False
+        if self.mode == MODE_FENTRY:
+            return self._attach_fentry()
         out: list[Attachment] = []
         for p in self._plan.probes:
             try:
@@ -134,6 +211,38 @@ class KernelProbes:
         out += [Attachment(f, s, False, "not in /proc/kallsyms") for f, s in self._plan.tried]
         self._attachments = out
         return out
+
+    def _attach_fentry(self) -> list[Attachment]:
+        # Load attached every program, or failed as a whole and fell back.
+        assert self._bpf is not None
+        entry, exit_ = self._kfuncs
+        for name in entry:
+            if name not in self._bpf.kfunc_entry_fds:
+                self._bpf.attach_kfunc(fn_name=name)
+        for name in exit_:
+            if name not in self._bpf.kfunc_exit_fds:
+                self._bpf.attach_kretfunc(fn_name=name)
+        out = [Attachment(p.function, p.symbol, True) for p in self._plan.probes]
+        out += [Attachment(f, s, False, "not in /proc/kallsyms") for f, s in self._plan.tried]
+        self._attachments = out
+        return out
+
+    def detach(self) -> None:
+        """Detach every probe but keep the program and its maps (attach() again
+        to resume); for the benchmark, which interleaves configurations."""
+        assert self._bpf is not None
+        if not self._detached:
+            self._bpf.detach_tracepoint(tp=TP_EXIT)
+            self._bpf.detach_raw_tracepoint(tp=TP_FORK)
+            self._detached = True
+        if self.mode == MODE_FENTRY:
+            for name in list(self._bpf.kfunc_entry_fds):
+                self._bpf.detach_kfunc(fn_name=name)
+            for name in list(self._bpf.kfunc_exit_fds):
+                self._bpf.detach_kretfunc(fn_name=name)
+            return
+        for symbol in sorted(self._plan.symbols):
+            self._detach_quietly(symbol)
 
     def _detach_quietly(self, symbol: str) -> None:
         assert self._bpf is not None
@@ -180,7 +289,69 @@ class KernelProbes:
         return Entry(counts, int(v.parent), comm)  # type: ignore[attr-defined]
 
     def read_all(self) -> dict[int, Entry]:
-        return {k.value: self._entry(v) for k, v in self._tracked.items()}
+        got = self._read_batch("tracked", self._tracked)
+        if got is None:
+            # Per key: two syscalls an entry (next key, lookup).
+            return {k.value: self._entry(v) for k, v in self._tracked.items()}
+        keys, values, total = got
+        unpack = _leaf_struct(self._tracked.Leaf)
+        if unpack is None or ct.sizeof(self._tracked.Key) != 4:
+            return {int(k): self._entry(v) for k, v in zip(keys[:total], values[:total])}
+        # Straight from the bytes: ctypes field access costs more than the syscalls.
+        # An entry whose bytes did not change since the last read is not decoded again.
+        pids = struct.unpack(f"={total}I", ct.string_at(ct.addressof(keys), 4 * total))
+        size = unpack.size
+        raw = ct.string_at(ct.addressof(values), size * total)
+        if (pids, raw) == self._last_read[:2]:
+            return dict(self._last_read[2])  # nothing moved since the last read
+        seen, now, out = self._entries, {}, {}
+        for i, pid in enumerate(pids):
+            rec = raw[i * size : (i + 1) * size]
+            entry = seen.get(rec)
+            if entry is None:
+                v = unpack.unpack(rec)
+                entry = Entry(Counts._make(v[:9]), v[9], v[11].split(b"\0", 1)[0].decode(errors="replace"))
+            now[rec] = out[pid] = entry
+        self._entries = now
+        self._last_read = (pids, raw, out)
+        return dict(out)
+
+    def _read_batch(self, name: str, table: object) -> tuple[ct.Array, ct.Array, int] | None:
+        """Every entry of a hash map in a few BPF_MAP_LOOKUP_BATCH calls, or None
+        where bcc (before 0.20) or the kernel (before 5.6) lacks them."""
+        lookup = getattr(self._lib, "bpf_lookup_batch", None)
+        if lookup is None or not self._batch_ok:
+            return None
+        key_t, leaf_t = table.Key, table.Leaf  # type: ignore[attr-defined]
+        if name not in self._batch:
+            n = int(table.max_entries)  # type: ignore[attr-defined]
+            self._batch[name] = ((key_t * n)(), (leaf_t * n)())
+        keys, values = self._batch[name]
+        size = len(keys)
+        in_batch, out_batch, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
+        total = 0
+        while total < size:
+            count.value = size - total
+            res = lookup(
+                table.map_fd,  # type: ignore[attr-defined]
+                ct.byref(in_batch) if total else None,
+                ct.byref(out_batch),
+                ct.byref(keys, ct.sizeof(key_t) * total),
+                ct.byref(values, ct.sizeof(leaf_t) * total),
+                ct.byref(count),
+            )
+            err = _errno(res) if res else 0
+            total += count.value
+            if err == errno.ENOENT:
+                break  # every bucket read
+            if err:
+                if total == 0 and err in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP):
+                    log.info("batch map reads unavailable (%s); reading entries one by one", os.strerror(err))
+                    self._batch_ok = False
+                    return None
+                raise OSError(err, f"reading the {name} map: {os.strerror(err)}")
+            in_batch.value = out_batch.value
+        return keys, values, total
 
     def pop_exited(self) -> dict[int, Entry]:
         """Final counters of processes that exited while kept (see keep_exited)."""
@@ -209,8 +380,9 @@ class KernelProbes:
         bpf = self._bpf
 
         def poll() -> None:
+            # Blocks until an event comes; exits with the process (daemon thread).
             while not self._stopping.is_set():
-                bpf.perf_buffer_poll(timeout=EVENT_POLL_MS)
+                bpf.perf_buffer_poll(timeout=EVENT_POLL_FOREVER)
 
         # Started only once a process is followed: otherwise nothing wakes at all.
         self._events = threading.Thread(target=poll, name="follow-drops", daemon=True)
@@ -240,9 +412,8 @@ class KernelProbes:
 
     def close(self) -> None:
         """Detach everything, including the tracefs events of return probes."""
+        # The follow-drop reader may sleep on; with every probe detached nothing wakes it.
         self._stopping.set()
-        if self._events is not None:
-            self._events.join(EVENT_POLL_MS / 1000 * 3)
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None

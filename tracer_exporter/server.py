@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -101,7 +102,11 @@ class HTTPServer:
         )
         self._server.ssl_context = context
         self.tls = context is not None
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        # No poll interval: the thread sleeps until a connection comes, so an idle
+        # exporter uses no CPU between scrapes; stop() wakes it with one.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": None}, name="http", daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -114,5 +119,16 @@ class HTTPServer:
         # shutdown() waits for serve_forever to return; run it bounded.
         stopper = threading.Thread(target=self._server.shutdown, daemon=True)
         stopper.start()
-        stopper.join(timeout)
+        deadline = time.monotonic() + timeout
+        while stopper.is_alive() and self._thread.is_alive() and time.monotonic() < deadline:
+            self._wake()
+            stopper.join(0.05)
+        stopper.join(max(0.0, deadline - time.monotonic()))
         self._server.server_close()
+
+    def _wake(self) -> None:
+        """Connect to ourselves, so serve_forever sees the shutdown request."""
+        host, port = self._server.server_address[:2]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
+            pass

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import logging
 import re
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -128,11 +129,15 @@ class App:
         registry: CollectorRegistry,
         not_ready: Callable[[], list[str]],
         control_networks: Sequence[Any] | None = None,
+        metrics_app: Callable[..., Iterable[bytes]] | None = None,
     ) -> None:
         self.tracker = tracker
         self.not_ready = not_ready
         self.control_networks = list(control_networks) if control_networks is not None else parse_networks(LOOPBACK)
-        self._metrics = make_wsgi_app(registry)
+        # cli passes exposition.MetricsApp: the per-process families without per-sample objects.
+        self._metrics = metrics_app or make_wsgi_app(registry)
+        self._table = render.TracerTable()
+        self._table_lock = threading.Lock()  # the table keeps its lines between requests
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "") or "/"
@@ -180,7 +185,9 @@ class App:
             return Response(_STATUS[200], LANDING, "text/html; charset=utf-8")
         if path == "/tracer":
             self._allow(method, ("GET", "HEAD"))
-            table = render.tracer_table(self.tracker.rows())
+            rows = self.tracker.rows()
+            with self._table_lock:
+                table = self._table.render(rows)
             return Response(_STATUS[200], table.encode(), "text/plain; charset=utf-8")
         if path == "/pids":
             self._allow(method, ("GET", "HEAD"))
