@@ -43,6 +43,7 @@ struct counters {
 struct inflight {
 	u64 size;
 	u64 sp;
+	u64 ip;		/* the entry point, to tell a tail call from a lost return */
 };
 
 /* Keep in step with tracer_exporter/bpf_maps.py. */
@@ -122,7 +123,7 @@ static __always_inline struct counters *current_counters(u64 sp)
  * than the call in flight, so it is ignored; an entry at the same or a
  * higher stack pointer replaces a stale record whose return was missed.
  */
-static __always_inline int kmalloc_enter(u64 sp, u64 size)
+static __always_inline int kmalloc_enter(u64 sp, u64 size, u64 ip)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32;
@@ -135,13 +136,17 @@ static __always_inline int kmalloc_enter(u64 sp, u64 size)
 	if (cur && cur->sp > sp)
 		return 0;
 	/*
-	 * A record at this depth or above is a call whose return never came:
-	 * counted here, so a lost return of a tracked thread is always seen.
+	 * A record from a shallower depth, or from this depth and this entry
+	 * point, is a call whose return never came: counted, so a tracked
+	 * thread's lost return is always seen. This depth and another entry
+	 * point is a tail call (5.x __kmalloc jumps to kmalloc_order_trace),
+	 * whose one return ends both.
 	 */
-	if (cur)
+	if (cur && (cur->sp < sp || cur->ip == ip))
 		stat_add(STAT_RETURNS_LOST, 1);
 	rec.size = size;
 	rec.sp = sp;
+	rec.ip = ip;
 	if (inflight.update(&id, &rec))
 		stat_add(STAT_INFLIGHT_INSERT_FAILURES, 1);
 	return 0;
@@ -149,17 +154,17 @@ static __always_inline int kmalloc_enter(u64 sp, u64 size)
 
 int kmalloc_enter_arg1(struct pt_regs *ctx)
 {
-	return kmalloc_enter(PT_REGS_SP(ctx), PT_REGS_PARM1(ctx));
+	return kmalloc_enter(PT_REGS_SP(ctx), PT_REGS_PARM1(ctx), PT_REGS_IP(ctx));
 }
 
 int kmalloc_enter_arg3(struct pt_regs *ctx)
 {
-	return kmalloc_enter(PT_REGS_SP(ctx), PT_REGS_PARM3(ctx));
+	return kmalloc_enter(PT_REGS_SP(ctx), PT_REGS_PARM3(ctx), PT_REGS_IP(ctx));
 }
 
 int kmalloc_enter_arg4(struct pt_regs *ctx)
 {
-	return kmalloc_enter(PT_REGS_SP(ctx), PT_REGS_PARM4(ctx));
+	return kmalloc_enter(PT_REGS_SP(ctx), PT_REGS_PARM4(ctx), PT_REGS_IP(ctx));
 }
 
 static __always_inline void remember_alloc(u64 addr, u64 size)
@@ -248,11 +253,6 @@ static __always_inline int name##_hit(u64 sp)			\
 	if (c)							\
 		__sync_fetch_and_add(&c->field, 1);		\
 	return 0;						\
-}								\
-								\
-int name(struct pt_regs *ctx)					\
-{								\
-	return name##_hit(PT_REGS_SP(ctx));			\
 }
 
 COUNT_CALLS(schedule_enter, schedule_calls)
@@ -260,6 +260,22 @@ COUNT_CALLS(up_enter, up_calls)
 COUNT_CALLS(down_interruptible_enter, down_calls)
 COUNT_CALLS(mutex_lock_enter, lock_calls)
 COUNT_CALLS(mutex_unlock_enter, unlock_calls)
+
+/*
+ * The kprobe programs, each at the start of its own macro: bcc 0.18 does not
+ * find a program defined after another function in the same macro.
+ */
+#define KPROBE_CALLS(name)					\
+int name(struct pt_regs *ctx)					\
+{								\
+	return name##_hit(PT_REGS_SP(ctx));			\
+}
+
+KPROBE_CALLS(schedule_enter)
+KPROBE_CALLS(up_enter)
+KPROBE_CALLS(down_interruptible_enter)
+KPROBE_CALLS(mutex_lock_enter)
+KPROBE_CALLS(mutex_unlock_enter)
 
 /*
  * Fires once per exiting thread. signal->live reaches zero only when the
@@ -351,7 +367,8 @@ KFUNC_PROBE(sym)							\
 	u64 size = 0;							\
 									\
 	bpf_get_func_arg(ctx, (size_arg) - 1, &size);			\
-	return kmalloc_enter((u64)ctx, size);				\
+	return kmalloc_enter((u64)ctx, size,				\
+			     bpf_get_func_ip(ctx));			\
 }									\
 									\
 KRETFUNC_PROBE(sym)							\

@@ -281,8 +281,9 @@ def reclaim_stalls() -> int:
 
 def test_32_threads_of_one_process_for_10_s_are_exact(exporter, workload, hammer):
     ops = "kmalloc:3:200 kzalloc:1:72 kmalloc_const:1 kfree:all updown:2 mutex:4"
-    # Free memory first: a kmalloc that must reclaim (say, evict 9p inodes) takes
-    # mutexes for its caller, real work the module's tally does not know of.
+    # Free memory first: a kmalloc that must reclaim takes mutexes for its caller,
+    # real work the module's tally does not know of. (The hammer warms up and
+    # locks its pages before "ready", so no page fault reads its code from disk.)
     subprocess.run(["sync"], check=True, timeout=120)
     Path("/proc/sys/vm/drop_caches").write_text("3")
     stalls = reclaim_stalls()
