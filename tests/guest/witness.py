@@ -28,7 +28,8 @@ PROGRAM = r"""
 
 struct key_t {
 	u32 fn;
-	int stack;
+	u32 module;	/* called from the module's code */
+	int stack;	/* other callers only; -1 when none or not recorded */
 };
 BPF_STACK_TRACE(stacks, 16384);
 BPF_HASH(calls, struct key_t, u64, 16384);
@@ -37,7 +38,7 @@ static int hit(struct pt_regs *ctx, u32 fn)
 {
 	struct task_struct *task;
 	struct key_t key = {};
-	u64 base, sp = PT_REGS_SP(ctx);
+	u64 base, ret = 0, sp = PT_REGS_SP(ctx);
 
 	if ((bpf_get_current_pid_tgid() >> 32) != TGID)
 		return 0;
@@ -46,26 +47,40 @@ static int hit(struct pt_regs *ctx, u32 fn)
 	if (sp < base || sp >= base + THREAD_SIZE)
 		return 0;
 	key.fn = fn;
-	key.stack = stacks.get_stackid(ctx, 0);
+	/* At function entry the stack's top is the return address: the caller. */
+	bpf_probe_read_kernel(&ret, sizeof(ret), (void *)sp);
+	key.module = ret >= MOD_START && ret < MOD_END;
+	key.stack = key.module ? -1 : stacks.get_stackid(ctx, 0);
 	calls.increment(key);
 	return 0;
 }
 """
 
 
-class Witness:
-    """Attach before the work, `read` after it: (calls by the module, other calls with stacks)."""
+def module_range(name: str) -> tuple[int, int]:
+    """[start, end) of a loaded module's memory, from /proc/modules."""
+    with open("/proc/modules", encoding="ascii") as f:
+        for line in f:
+            fields = line.split()
+            if fields[0] == name:
+                start = int(fields[5], 16)
+                return start, start + int(fields[1])
+    raise LookupError(f"module {name} is not loaded")
 
-    def __init__(self, tgid: int, module_function: str = "tw_work_run") -> None:
+
+class Witness:
+    """Attach before the work, `read` after it: (calls from the module, other calls by stack)."""
+
+    def __init__(self, tgid: int, module: str = "tracer_workload") -> None:
         from bcc import BPF
 
-        text = PROGRAM.replace("TGID", str(tgid))
+        start, end = module_range(module)
+        text = PROGRAM.replace("TGID", str(tgid)).replace("MOD_START", f"{start}ULL").replace("MOD_END", f"{end}ULL")
         for i in range(len(FUNCTIONS)):
             text += f"int on_{i}(struct pt_regs *ctx) {{ return hit(ctx, {i}); }}\n"
         self._bpf = BPF(text=text)
         for i, fn in enumerate(FUNCTIONS):
             self._bpf.attach_kprobe(event=fn, fn_name=f"on_{i}")
-        self._module_function = module_function
 
     def read(self) -> tuple[Counter[str], dict[str, Counter[str]]]:
         names = list(FUNCTIONS.values())
@@ -74,11 +89,11 @@ class Witness:
         stacks = self._bpf["stacks"]
         for key, value in self._bpf["calls"].items():
             column = names[key.fn]
-            frames = [] if key.stack < 0 else [self._bpf.ksym(a).decode() for a in stacks.walk(key.stack)]
-            if self._module_function in frames:
+            if key.module:
                 module[column] += value.value
-            else:
-                other.setdefault(column, Counter())[" < ".join(frames[:8]) or "(no stack)"] += value.value
+                continue
+            frames = [] if key.stack < 0 else [self._bpf.ksym(a).decode() for a in stacks.walk(key.stack)]
+            other.setdefault(column, Counter())[" < ".join(frames[:8]) or "(stack not recorded)"] += value.value
         return module, other
 
     def close(self) -> None:
