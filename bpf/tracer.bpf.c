@@ -9,6 +9,8 @@
  *   MAX_TRACKED   tracked processes (the limit the control API enforces)
  *   MAX_ALLOCS    live allocations of tracked processes we remember
  *   MAX_INFLIGHT  threads of tracked processes inside kmalloc at once
+ *   FILTER_SLOTS  slots of each counting filter (a power of two)
+ *   TASK_BTF      bpf_get_current_task_btf() is there (5.11+ with BTF)
  *   FENTRY_PROBES the fentry/fexit mode's attach points (see the end);
  *                 unset, the kprobe handlers are attached by user space
  *
@@ -79,12 +81,78 @@ BPF_PERF_OUTPUT(follow_drop_events);
 /* Per-CPU so hot paths never contend; user space sums the CPUs. */
 BPF_PERCPU_ARRAY(stats, s64, STAT_COUNT);
 
+/*
+ * Counting filters in front of the hash maps that every process on the host
+ * would otherwise look up on every probe hit. A slot counts the map's keys
+ * that fall in it, so an empty slot proves a key absent with one array load
+ * the verifier inlines, where a hash-map miss hashes the key and walks a
+ * bucket. A slot is raised before its key goes in and lowered after it comes
+ * out, so it is never low while the key is present.
+ *
+ * tracked has two: user space cannot add atomically to a map value, so it
+ * keeps its own slots (one writer, under a lock) and these programs keep
+ * theirs with atomic adds. Either side may remove the other's keys, so a
+ * side's slot can go negative; the sum is what counts.
+ */
+#ifndef FILTER_SLOTS
+#define FILTER_SLOTS 65536
+#endif
+BPF_ARRAY(tracked_slots_user, s64, FILTER_SLOTS);
+BPF_ARRAY(tracked_slots, s64, FILTER_SLOTS);
+BPF_ARRAY(alloc_slots, s64, FILTER_SLOTS);
+
 static __always_inline void stat_add(int idx, s64 delta)
 {
 	s64 *v = stats.lookup(&idx);
 
 	if (v)
 		*v += delta;
+}
+
+static __always_inline u32 tgid_slot(u32 tgid)
+{
+	return tgid & (FILTER_SLOTS - 1);
+}
+
+/* Slab objects sit at multiples of their size: mix the bits before masking. */
+static __always_inline u32 addr_slot(u64 addr)
+{
+	return ((addr >> 3) * 0x9E3779B97F4A7C15ULL >> 32) & (FILTER_SLOTS - 1);
+}
+
+static __always_inline bool maybe_tracked(u32 tgid)
+{
+	u32 slot = tgid_slot(tgid);
+	s64 *user = tracked_slots_user.lookup(&slot);
+	s64 *kern = tracked_slots.lookup(&slot);
+
+	return user && kern && *user + *kern != 0;
+}
+
+static __always_inline void tracked_slot_add(u32 tgid, s64 delta)
+{
+	u32 slot = tgid_slot(tgid);
+	s64 *v = tracked_slots.lookup(&slot);
+
+	if (v)
+		__sync_fetch_and_add(v, delta);
+}
+
+static __always_inline bool maybe_alloc(u64 addr)
+{
+	u32 slot = addr_slot(addr);
+	s64 *v = alloc_slots.lookup(&slot);
+
+	return v && *v != 0;
+}
+
+static __always_inline void alloc_slot_add(u64 addr, s64 delta)
+{
+	u32 slot = addr_slot(addr);
+	s64 *v = alloc_slots.lookup(&slot);
+
+	if (v)
+		__sync_fetch_and_add(v, delta);
 }
 
 /*
@@ -99,7 +167,12 @@ static __always_inline void stat_add(int idx, s64 delta)
  */
 static __always_inline bool on_task_stack(u64 sp)
 {
+#ifdef TASK_BTF
+	/* A BTF pointer (5.11+): a plain load, not a bpf_probe_read call. */
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+#else
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+#endif
 	u64 base = (u64)task->stack;
 
 	return sp >= base && sp < base + THREAD_SIZE;
@@ -109,8 +182,11 @@ static __always_inline struct counters *current_counters(u64 sp)
 {
 	/* tgid is the user-space pid: all threads share one row. */
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct counters *c = tracked.lookup(&tgid);
+	struct counters *c;
 
+	if (!maybe_tracked(tgid))
+		return NULL;
+	c = tracked.lookup(&tgid);
 	if (c && !on_task_stack(sp))
 		return NULL;
 	return c;
@@ -130,7 +206,7 @@ static __always_inline int kmalloc_enter(u64 sp, u64 size, u64 ip)
 	struct inflight rec = {};
 	struct inflight *cur;
 
-	if (!tracked.lookup(&tgid) || !on_task_stack(sp))
+	if (!maybe_tracked(tgid) || !tracked.lookup(&tgid) || !on_task_stack(sp))
 		return 0;
 	cur = inflight.lookup(&id);
 	if (cur && cur->sp > sp)
@@ -169,12 +245,16 @@ int kmalloc_enter_arg4(struct pt_regs *ctx)
 
 static __always_inline void remember_alloc(u64 addr, u64 size)
 {
-	int err = allocs.insert(&addr, &size);
+	int err;
 
+	alloc_slot_add(addr, 1);
+	err = allocs.insert(&addr, &size);
 	if (!err) {
 		stat_add(STAT_ALLOC_ENTRIES, 1);
 		return;
 	}
+	/* The key was already counted, or did not go in. */
+	alloc_slot_add(addr, -1);
 	/* Already known: it was freed by a path we do not see. */
 	if (err == -EEXIST && !allocs.update(&addr, &size))
 		return;
@@ -195,7 +275,9 @@ static __always_inline int kmalloc_exit(u64 sp, u64 addr, bool ret_probe)
 	struct counters *c;
 	u64 size;
 
-	/* Only tracked threads have records: one lookup for everyone else. */
+	/* Only tracked threads have records. */
+	if (!maybe_tracked(tgid))
+		return 0;
 	rec = inflight.lookup(&id);
 	if (!rec || !on_task_stack(sp))
 		return 0;
@@ -226,16 +308,18 @@ static __always_inline int kfree_hit(u64 sp, u64 addr)
 
 	if (c)
 		__sync_fetch_and_add(&c->kfree_calls, 1);
-	if (ZERO_OR_NULL(addr))
-		return 0;
 	/* Any process's kfree retires the address, so no entry goes stale. */
+	if (ZERO_OR_NULL(addr) || !maybe_alloc(addr))
+		return 0;
 	size = allocs.lookup(&addr);
 	if (!size)
 		return 0;
 	if (c)
 		__sync_fetch_and_add(&c->kfree_bytes, *size);
-	if (!allocs.delete(&addr))
+	if (!allocs.delete(&addr)) {
+		alloc_slot_add(addr, -1);
 		stat_add(STAT_ALLOC_ENTRIES, -1);
+	}
 	return 0;
 }
 
@@ -286,9 +370,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32;
 	struct task_struct *task;
+	struct counters *c;
 
-	struct counters *c = tracked.lookup(&tgid);
-
+	if (!maybe_tracked(tgid))
+		return 0;
+	c = tracked.lookup(&tgid);
 	if (!c)
 		return 0;
 	/* No thread exits inside kmalloc: a record left is a lost return. */
@@ -302,7 +388,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		if (exited.update(&tgid, c))
 			stat_add(STAT_EXITED_INSERT_FAILURES, 1);
 	}
-	tracked.delete(&tgid);
+	if (!tracked.delete(&tgid))
+		tracked_slot_add(tgid, -1);
 	return 0;
 }
 
@@ -333,10 +420,13 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 {
 	struct task_struct *task = (struct task_struct *)ctx->args[1];
 	u32 parent = bpf_get_current_pid_tgid() >> 32;
-	struct counters *pc = tracked.lookup(&parent);
+	struct counters *pc;
 	struct counters child = {};
 	u32 tgid = 0;
 
+	if (!maybe_tracked(parent))
+		return 0;
+	pc = tracked.lookup(&parent);
 	if (!pc || !(pc->flags & TRACK_FOLLOW))
 		return 0;
 	bpf_probe_read_kernel(&tgid, sizeof(tgid), &task->tgid);
@@ -345,8 +435,11 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	child.parent = parent;
 	child.flags = pc->flags;
 	bpf_get_current_comm(&child.comm, sizeof(child.comm));
-	if (tracked.insert(&tgid, &child))
+	tracked_slot_add(tgid, 1);
+	if (tracked.insert(&tgid, &child)) {
+		tracked_slot_add(tgid, -1);
 		follow_drop(ctx, parent);
+	}
 	return 0;
 }
 

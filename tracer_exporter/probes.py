@@ -11,6 +11,8 @@ import ctypes as ct
 import errno
 import logging
 import os
+import platform
+import re
 import struct
 import sys
 import threading
@@ -44,6 +46,7 @@ MODE_KPROBE = "kprobe"
 TP_EXIT = b"sched:sched_process_exit"
 TP_FORK = b"sched_process_fork"
 MODE_FENTRY = "fentry"
+FILTER_SLOTS = 65536  # keep in step with FILTER_SLOTS in bpf/tracer.bpf.c
 
 
 class ProbeError(Exception):
@@ -82,14 +85,23 @@ def fentry_probes(plan: Plan) -> str:
     return " ".join(items)
 
 
-def cflags(config: Config, plan: Plan | None = None, mode: str = MODE_KPROBE) -> list[str]:
+def task_btf(release: str | None = None, btf: Path = Path("/sys/kernel/btf/vmlinux")) -> bool:
+    """Whether bpf_get_current_task_btf() works here: Linux 5.11+ with kernel BTF."""
+    nums = re.match(r"(\d+)\.(\d+)", release or platform.release())
+    return nums is not None and (int(nums[1]), int(nums[2])) >= (5, 11) and btf.exists()
+
+
+def cflags(config: Config, plan: Plan | None = None, mode: str = MODE_KPROBE, with_task_btf: bool = False) -> list[str]:
     # Threads inside kmalloc at once cannot exceed the return-probe instances.
     inflight = max(config.kretprobe_maxactive * 4, 1024)
     flags = [
         f"-DMAX_TRACKED={config.max_tracked_processes}",
         f"-DMAX_ALLOCS={config.alloc_map_entries}",
         f"-DMAX_INFLIGHT={inflight}",
+        f"-DFILTER_SLOTS={FILTER_SLOTS}",
     ]
+    if with_task_btf:
+        flags.append("-DTASK_BTF")
     if mode == MODE_FENTRY and plan is not None:
         flags.append(f"-DFENTRY_PROBES={fentry_probes(plan)}")
     return flags
@@ -139,6 +151,7 @@ class KernelProbes:
         self._batch_ok = True
         self._entries: dict[bytes, Entry] = {}  # the last read's entries, by their bytes
         self._last_read: tuple[tuple[int, ...], bytes, dict[int, Entry]] = ((), b"", {})
+        self._slots_lock = threading.Lock()  # user space's filter slots have one writer at a time
 
     def load(self) -> None:
         try:
@@ -156,10 +169,11 @@ class KernelProbes:
             self._bpf = self._load_fentry(BPF, text, source)
         if self._bpf is None:
             try:
-                self._bpf = BPF(text=text, cflags=cflags(self._config))
+                self._bpf = BPF(text=text, cflags=cflags(self._config, with_task_btf=task_btf()))
             except Exception as e:
                 raise ProbeError(f"compiling {source} failed: {e}") from e
         self._tracked = self._bpf.get_table("tracked")
+        self._slots = self._bpf.get_table("tracked_slots_user")
         self._exited = self._bpf.get_table("exited")
         self._stats = self._bpf.get_table("stats")
         from bcc.libbcc import lib
@@ -172,7 +186,7 @@ class KernelProbes:
         why = fentry_unsupported()
         if not why:
             try:
-                bpf = bpf_class(text=text, cflags=cflags(self._config, self._plan, MODE_FENTRY))
+                bpf = bpf_class(text=text, cflags=cflags(self._config, self._plan, MODE_FENTRY, task_btf()))
             except Exception as e:
                 why = f"loading the fentry/fexit programs failed: {str(e).strip().splitlines()[-1]}"
             else:
@@ -253,13 +267,23 @@ class KernelProbes:
     def _key(self, pid: int) -> ct.c_uint32:
         return self._tracked.Key(pid)
 
+    def _slot_add(self, pid: int, delta: int) -> None:
+        """User space's side of the tracked filter (see bpf/tracer.bpf.c): raised
+        before a pid goes in, lowered after it comes out."""
+        key = self._slots.Key(pid % FILTER_SLOTS)
+        self._slots[key] = self._slots.Leaf(self._slots[key].value + delta)
+
     def track(self, pid: int, follow: bool = False, parent: int = 0) -> bool:
         leaf = self._tracked.Leaf()
         leaf.flags = self._base_flags | (TRACK_FOLLOW if follow else 0)
         leaf.parent = parent
         if follow:
             self._watch_follow_drops()
-        res = self._lib.bpf_update_elem(self._tracked.map_fd, ct.byref(self._key(pid)), ct.byref(leaf), BPF_NOEXIST)
+        with self._slots_lock:
+            self._slot_add(pid, 1)
+            res = self._lib.bpf_update_elem(self._tracked.map_fd, ct.byref(self._key(pid)), ct.byref(leaf), BPF_NOEXIST)
+            if res != 0:
+                self._slot_add(pid, -1)
         if res == 0:
             return True
         err = _errno(res)
@@ -274,7 +298,10 @@ class KernelProbes:
         raise OSError(err, f"tracking pid {pid}: {os.strerror(err)}")
 
     def untrack(self, pid: int) -> bool:
-        res = self._lib.bpf_delete_elem(self._tracked.map_fd, ct.byref(self._key(pid)))
+        with self._slots_lock:
+            res = self._lib.bpf_delete_elem(self._tracked.map_fd, ct.byref(self._key(pid)))
+            if res == 0:
+                self._slot_add(pid, -1)
         if res == 0:
             return True
         err = _errno(res)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tracer_exporter.config import ConfigError, parse_config
-from tracer_exporter.probes import MODE_FENTRY, cflags, fentry_probes
+from tracer_exporter.probes import FILTER_SLOTS, MODE_FENTRY, cflags, fentry_probes, task_btf
 from tracer_exporter.symbols import resolve
 
 
@@ -36,3 +36,20 @@ def test_only_the_fentry_mode_compiles_the_trampolines():
     plan = resolve({"kfree"})
     assert not any(f.startswith("-DFENTRY_PROBES") for f in cflags(config, plan))
     assert "-DFENTRY_PROBES=KFREE(kfree)" in cflags(config, plan, MODE_FENTRY)
+
+
+def test_task_btf_needs_5_11_and_kernel_btf(tmp_path):
+    btf = tmp_path / "vmlinux"
+    btf.write_bytes(b"")
+    assert task_btf("6.1.0-56-amd64", btf) and task_btf("5.11.0", btf) and task_btf("7.3.4+bpo-amd64", btf)
+    assert not task_btf("5.10.0-35-amd64", btf)
+    assert not task_btf("6.12.0", tmp_path / "missing")
+    assert not task_btf("weird", btf)
+
+
+def test_task_btf_and_the_filter_size_reach_the_program():
+    config = parse_config({})
+    assert "-DTASK_BTF" in cflags(config, with_task_btf=True)
+    assert "-DTASK_BTF" not in cflags(config)
+    assert f"-DFILTER_SLOTS={FILTER_SLOTS}" in cflags(config)
+    assert FILTER_SLOTS & (FILTER_SLOTS - 1) == 0  # the program masks with FILTER_SLOTS - 1
