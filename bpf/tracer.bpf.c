@@ -8,7 +8,7 @@
  * the set of tracked processes is a map, never a recompile:
  *   MAX_TRACKED   tracked processes (the limit the control API enforces)
  *   MAX_ALLOCS    live allocations of tracked processes we remember
- *   MAX_INFLIGHT  threads of tracked processes inside kmalloc at once
+ *   MAX_INFLIGHT  threads of tracked processes with a kmalloc record
  *   FILTER_SLOTS  slots of each counting filter (a power of two)
  *   TASK_BTF      bpf_get_current_task_btf() is there (5.11+ with BTF)
  *   FENTRY_PROBES the fentry/fexit mode's attach points (see the end);
@@ -41,11 +41,17 @@ struct counters {
 #define TRACK_FOLLOW	1	/* new child processes are tracked too */
 #define TRACK_KEEP	2	/* on exit, move the counters to exited */
 
-/* A kmalloc between entry and return: what was asked, and where the stack was. */
+/*
+ * A tracked thread's kmalloc between entry and return: what was asked, and
+ * where the stack was. The record stays after the return, inactive, and is
+ * rewritten in place at the thread's next kmalloc: a hash update and delete
+ * per call cost more than the rest of the tracked path.
+ */
 struct inflight {
 	u64 size;
 	u64 sp;
 	u64 ip;		/* the entry point, to tell a tail call from a lost return */
+	u64 active;	/* between entry and return */
 };
 
 /* Keep in step with tracer_exporter/bpf_maps.py. */
@@ -72,6 +78,12 @@ BPF_HASH(tracked, u32, struct counters, MAX_TRACKED);
 BPF_HASH(allocs, u64, u64, MAX_ALLOCS);
 /* Key: pid_tgid, so each thread pairs its own entry and return. */
 BPF_HASH(inflight, u64, struct inflight, MAX_INFLIGHT);
+/*
+ * Records in inflight. Over half full, a return deletes its record instead
+ * of keeping it, so a process with more threads than that still counts
+ * exactly, at the old price.
+ */
+BPF_ARRAY(inflight_records, s64, 1);
 /* Final counters of TRACK_KEEP processes, until `run` reads them. */
 BPF_HASH(exited, u32, struct counters, MAX_TRACKED);
 /* Children not tracked because the map was full, per parent tgid. */
@@ -107,6 +119,23 @@ static __always_inline void stat_add(int idx, s64 delta)
 
 	if (v)
 		*v += delta;
+}
+
+static __always_inline void inflight_records_add(s64 delta)
+{
+	int zero = 0;
+	s64 *v = inflight_records.lookup(&zero);
+
+	if (v)
+		__sync_fetch_and_add(v, delta);
+}
+
+static __always_inline bool inflight_crowded(void)
+{
+	int zero = 0;
+	s64 *v = inflight_records.lookup(&zero);
+
+	return v && *v > MAX_INFLIGHT / 2;
 }
 
 static __always_inline u32 tgid_slot(u32 tgid)
@@ -209,7 +238,7 @@ static __always_inline int kmalloc_enter(u64 sp, u64 size, u64 ip)
 	if (!maybe_tracked(tgid) || !tracked.lookup(&tgid) || !on_task_stack(sp))
 		return 0;
 	cur = inflight.lookup(&id);
-	if (cur && cur->sp > sp)
+	if (cur && cur->active && cur->sp > sp)
 		return 0;
 	/*
 	 * A record from a shallower depth, or from this depth and this entry
@@ -218,13 +247,24 @@ static __always_inline int kmalloc_enter(u64 sp, u64 size, u64 ip)
 	 * point is a tail call (5.x __kmalloc jumps to kmalloc_order_trace),
 	 * whose one return ends both.
 	 */
-	if (cur && (cur->sp < sp || cur->ip == ip))
+	if (cur && cur->active && (cur->sp < sp || cur->ip == ip))
 		stat_add(STAT_RETURNS_LOST, 1);
+	/* Only this thread writes its record: no lock needed. */
+	if (cur) {
+		cur->size = size;
+		cur->sp = sp;
+		cur->ip = ip;
+		cur->active = 1;
+		return 0;
+	}
 	rec.size = size;
 	rec.sp = sp;
 	rec.ip = ip;
-	if (inflight.update(&id, &rec))
+	rec.active = 1;
+	if (inflight.insert(&id, &rec))
 		stat_add(STAT_INFLIGHT_INSERT_FAILURES, 1);
+	else
+		inflight_records_add(1);
 	return 0;
 }
 
@@ -279,12 +319,15 @@ static __always_inline int kmalloc_exit(u64 sp, u64 addr, bool ret_probe)
 	if (!maybe_tracked(tgid))
 		return 0;
 	rec = inflight.lookup(&id);
-	if (!rec || !on_task_stack(sp))
+	if (!rec || !rec->active || !on_task_stack(sp))
 		return 0;
 	if (ret_probe ? sp <= rec->sp : sp < rec->sp)
 		return 0;
 	size = rec->size;
-	inflight.delete(&id);
+	if (!inflight_crowded())
+		rec->active = 0;
+	else if (!inflight.delete(&id))
+		inflight_records_add(-1);
 	c = tracked.lookup(&tgid);
 	if (!c)
 		return 0;
@@ -369,16 +412,24 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32;
+	struct inflight *rec = inflight.lookup(&id);
 	struct task_struct *task;
 	struct counters *c;
+	bool lost = false;
 
+	/* Every thread's, as a process no longer tracked may have left one. */
+	if (rec) {
+		/* No thread exits inside kmalloc: an active record is a lost return. */
+		lost = rec->active;
+		if (!inflight.delete(&id))
+			inflight_records_add(-1);
+	}
 	if (!maybe_tracked(tgid))
 		return 0;
 	c = tracked.lookup(&tgid);
 	if (!c)
 		return 0;
-	/* No thread exits inside kmalloc: a record left is a lost return. */
-	if (!inflight.delete(&id))
+	if (lost)
 		stat_add(STAT_RETURNS_LOST, 1);
 	task = (struct task_struct *)bpf_get_current_task();
 	if (task->signal->live.counter != 0)

@@ -187,7 +187,13 @@ class Exporter:
         except ConfigError as e:
             log.error("config reload failed, keeping the running config:\n%s", e)
             return
-        for key in ("max_tracked_processes", "alloc_map_entries", "kretprobe_maxactive", "symbol_overrides"):
+        for key in (
+            "max_tracked_processes",
+            "alloc_map_entries",
+            "inflight_map_entries",
+            "kretprobe_maxactive",
+            "symbol_overrides",
+        ):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("config reload: %s changes only on restart", key)
         if new.control_allowed_networks != self.config.control_allowed_networks:

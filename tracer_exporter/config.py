@@ -13,6 +13,7 @@ from tracer_exporter.tracking import PID_MAX_LIMIT
 # Bounds keep a typo from preallocating gigabytes of kernel memory.
 MAX_TRACKED_LIMIT = 1 << 20
 MAX_ALLOC_ENTRIES_LIMIT = 1 << 24
+MAX_INFLIGHT_ENTRIES_LIMIT = 1 << 20
 # The kernel refuses more return-probe instances than this per probe.
 MAXACTIVE_LIMIT = 4096
 # Control requests are answered for these clients unless the config says otherwise.
@@ -27,6 +28,7 @@ class Config:
     follow_pids: tuple[int, ...] = ()  # the pids whose children are tracked too
     max_tracked_processes: int = 16384
     alloc_map_entries: int = 65536
+    inflight_map_entries: int = 4096
     kretprobe_maxactive: int = 1024
     control_allowed_networks: tuple[str, ...] = LOOPBACK
     symbol_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -40,7 +42,7 @@ class ConfigError(Exception):
 _SCHEMA: dict[str, set[str]] = {
     "pids": set(),
     "follow_forks": set(),
-    "limits": {"max_tracked_processes", "alloc_map_entries"},
+    "limits": {"max_tracked_processes", "alloc_map_entries", "inflight_map_entries"},
     "probes": {"kretprobe_maxactive", "symbols", "mode"},
     "control": {"allowed_networks"},
 }
@@ -154,6 +156,7 @@ def parse_config(doc: Any, source: str = "config") -> Config:
     for key, section, where, high in (
         ("max_tracked_processes", limits, "limits", MAX_TRACKED_LIMIT),
         ("alloc_map_entries", limits, "limits", MAX_ALLOC_ENTRIES_LIMIT),
+        ("inflight_map_entries", limits, "limits", MAX_INFLIGHT_ENTRIES_LIMIT),
         ("kretprobe_maxactive", probes, "probes", MAXACTIVE_LIMIT),
     ):
         if key in section:

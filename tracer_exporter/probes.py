@@ -92,12 +92,10 @@ def task_btf(release: str | None = None, btf: Path = Path("/sys/kernel/btf/vmlin
 
 
 def cflags(config: Config, plan: Plan | None = None, mode: str = MODE_KPROBE, with_task_btf: bool = False) -> list[str]:
-    # Threads inside kmalloc at once cannot exceed the return-probe instances.
-    inflight = max(config.kretprobe_maxactive * 4, 1024)
     flags = [
         f"-DMAX_TRACKED={config.max_tracked_processes}",
         f"-DMAX_ALLOCS={config.alloc_map_entries}",
-        f"-DMAX_INFLIGHT={inflight}",
+        f"-DMAX_INFLIGHT={config.inflight_map_entries}",
         f"-DFILTER_SLOTS={FILTER_SLOTS}",
     ]
     if with_task_btf:

@@ -22,7 +22,7 @@ def test_full_config():
     config = parse_config(
         {
             "pids": [1, 42],
-            "limits": {"max_tracked_processes": 10, "alloc_map_entries": 100},
+            "limits": {"max_tracked_processes": 10, "alloc_map_entries": 100, "inflight_map_entries": 32},
             "probes": {"kretprobe_maxactive": 64, "symbols": {"up": ["up"]}},
             "control": {"allowed_networks": ["10.0.2.2/32"]},
         }
@@ -31,6 +31,7 @@ def test_full_config():
         pids=(1, 42),
         max_tracked_processes=10,
         alloc_map_entries=100,
+        inflight_map_entries=32,
         kretprobe_maxactive=64,
         control_allowed_networks=("10.0.2.2/32",),
         symbol_overrides={"up": ("up",)},
@@ -55,6 +56,7 @@ def test_empty_document_is_defaults():
             "c: limits.max_tracked_processes: must be from 1 to 1048576, got -1",
         ),
         ({"limits": {"alloc_map_entries": 10**12}}, "c: limits.alloc_map_entries: must be from 1 to 16777216"),
+        ({"limits": {"inflight_map_entries": 0}}, "c: limits.inflight_map_entries: must be from 1 to 1048576, got 0"),
         ({"limits": {"bogus": 1}}, "c: limits.bogus: unknown key"),
         ({"limits": [1]}, "c: limits: expected a mapping, got list"),
         ({"probes": {"kretprobe_maxactive": 5000}}, "c: probes.kretprobe_maxactive: must be from 1 to 4096"),

@@ -53,3 +53,8 @@ def test_task_btf_and_the_filter_size_reach_the_program():
     assert "-DTASK_BTF" not in cflags(config)
     assert f"-DFILTER_SLOTS={FILTER_SLOTS}" in cflags(config)
     assert FILTER_SLOTS & (FILTER_SLOTS - 1) == 0  # the program masks with FILTER_SLOTS - 1
+
+
+def test_the_inflight_map_is_sized_by_its_own_limit():
+    assert "-DMAX_INFLIGHT=4096" in cflags(parse_config({}))
+    assert "-DMAX_INFLIGHT=32" in cflags(parse_config({"limits": {"inflight_map_entries": 32}}))
