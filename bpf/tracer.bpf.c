@@ -101,16 +101,24 @@ BPF_PERCPU_ARRAY(stats, s64, STAT_COUNT);
  * bucket. A slot is raised before its key goes in and lowered after it comes
  * out, so it is never low while the key is present.
  *
- * tracked has two: user space cannot add atomically to a map value, so it
- * keeps its own slots (one writer, under a lock) and these programs keep
- * theirs with atomic adds. Either side may remove the other's keys, so a
- * side's slot can go negative; the sum is what counts.
+ * A tracked slot has two halves: these programs add to theirs atomically,
+ * and user space, which cannot, writes its own through mmap (one writer,
+ * under a lock). Either side may remove the other's keys, so a half can go
+ * negative; the sum is what counts. One slot holds both, so the check is
+ * one lookup.
  */
 #ifndef FILTER_SLOTS
 #define FILTER_SLOTS 65536
 #endif
-BPF_ARRAY(tracked_slots_user, s64, FILTER_SLOTS);
-BPF_ARRAY(tracked_slots, s64, FILTER_SLOTS);
+#ifndef BPF_F_MMAPABLE
+#define BPF_F_MMAPABLE (1U << 10)
+#endif
+/* Keep in step with tracer_exporter/probes.py. */
+struct tracked_slot {
+	s32 kern;
+	s32 user;
+};
+BPF_F_TABLE("array", int, struct tracked_slot, tracked_slots, FILTER_SLOTS, BPF_F_MMAPABLE);
 BPF_ARRAY(alloc_slots, s64, FILTER_SLOTS);
 
 static __always_inline void stat_add(int idx, s64 delta)
@@ -151,20 +159,19 @@ static __always_inline u32 addr_slot(u64 addr)
 
 static __always_inline bool maybe_tracked(u32 tgid)
 {
-	u32 slot = tgid_slot(tgid);
-	s64 *user = tracked_slots_user.lookup(&slot);
-	s64 *kern = tracked_slots.lookup(&slot);
+	int slot = tgid_slot(tgid);
+	struct tracked_slot *s = tracked_slots.lookup(&slot);
 
-	return user && kern && *user + *kern != 0;
+	return s && s->kern + s->user != 0;
 }
 
-static __always_inline void tracked_slot_add(u32 tgid, s64 delta)
+static __always_inline void tracked_slot_add(u32 tgid, s32 delta)
 {
-	u32 slot = tgid_slot(tgid);
-	s64 *v = tracked_slots.lookup(&slot);
+	int slot = tgid_slot(tgid);
+	struct tracked_slot *s = tracked_slots.lookup(&slot);
 
-	if (v)
-		__sync_fetch_and_add(v, delta);
+	if (s)
+		__sync_fetch_and_add(&s->kern, delta);
 }
 
 static __always_inline bool maybe_alloc(u64 addr)

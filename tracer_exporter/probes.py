@@ -10,6 +10,7 @@ import contextlib
 import ctypes as ct
 import errno
 import logging
+import mmap
 import os
 import platform
 import re
@@ -47,6 +48,7 @@ TP_EXIT = b"sched:sched_process_exit"
 TP_FORK = b"sched_process_fork"
 MODE_FENTRY = "fentry"
 FILTER_SLOTS = 65536  # keep in step with FILTER_SLOTS in bpf/tracer.bpf.c
+SLOT_BYTES = 8  # struct tracked_slot: the program's s32, then user space's
 
 
 class ProbeError(Exception):
@@ -149,6 +151,7 @@ class KernelProbes:
         self._batch_ok = True
         self._entries: dict[bytes, Entry] = {}  # the last read's entries, by their bytes
         self._last_read: tuple[tuple[int, ...], bytes, dict[int, Entry]] = ((), b"", {})
+        self._slots: memoryview | None = None  # user space's halves of the tracked filter
         self._slots_lock = threading.Lock()  # user space's filter slots have one writer at a time
 
     def load(self) -> None:
@@ -171,7 +174,7 @@ class KernelProbes:
             except Exception as e:
                 raise ProbeError(f"compiling {source} failed: {e}") from e
         self._tracked = self._bpf.get_table("tracked")
-        self._slots = self._bpf.get_table("tracked_slots_user")
+        self._map_slots()
         self._exited = self._bpf.get_table("exited")
         self._stats = self._bpf.get_table("stats")
         from bcc.libbcc import lib
@@ -265,11 +268,25 @@ class KernelProbes:
     def _key(self, pid: int) -> ct.c_uint32:
         return self._tracked.Key(pid)
 
+    def _map_slots(self) -> None:
+        """User space's halves of the tracked filter (struct tracked_slot in
+        bpf/tracer.bpf.c), written in place: a map update would overwrite the
+        program's halves."""
+        assert self._bpf is not None
+        table = self._bpf.get_table("tracked_slots")
+        if ct.sizeof(table.Leaf) != SLOT_BYTES:
+            raise ProbeError(f"struct tracked_slot is {ct.sizeof(table.Leaf)} bytes, expected {SLOT_BYTES}")
+        try:
+            self._slots_mem = mmap.mmap(table.map_fd, FILTER_SLOTS * SLOT_BYTES)
+        except OSError as e:
+            raise ProbeError(f"cannot map the tracked filter into memory: {e}") from e
+        # Aligned 4-byte stores, so the program never reads half a write.
+        self._slots = memoryview(self._slots_mem).cast("i")
+
     def _slot_add(self, pid: int, delta: int) -> None:
-        """User space's side of the tracked filter (see bpf/tracer.bpf.c): raised
-        before a pid goes in, lowered after it comes out."""
-        key = self._slots.Key(pid % FILTER_SLOTS)
-        self._slots[key] = self._slots.Leaf(self._slots[key].value + delta)
+        """Raised before a pid goes in, lowered after it comes out."""
+        assert self._slots is not None
+        self._slots[(pid % FILTER_SLOTS) * 2 + 1] += delta
 
     def track(self, pid: int, follow: bool = False, parent: int = 0) -> bool:
         leaf = self._tracked.Leaf()
@@ -439,6 +456,10 @@ class KernelProbes:
         """Detach everything, including the tracefs events of return probes."""
         # The follow-drop reader may sleep on; with every probe detached nothing wakes it.
         self._stopping.set()
+        if self._slots is not None:
+            self._slots.release()
+            self._slots_mem.close()
+            self._slots = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
