@@ -66,7 +66,7 @@ guest: setup
 # The performance benchmark (bench/README.md): one guest boot per distro, every
 # configuration interleaved; writes bench/results/<kernel>.md. Not part of `make test`.
 BENCH_DISTROS ?= $(DISTROS)
-BENCH_REPS ?= 7
+BENCH_REPS ?= 9
 bench: setup
 	@set -e; for d in $(BENCH_DISTROS); do \
 		echo "== benchmark on $$d =="; \
