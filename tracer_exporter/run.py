@@ -25,6 +25,7 @@ from tracer_exporter.collector import TracerCollector, process_families
 from tracer_exporter.config import ConfigError, load_config
 from tracer_exporter.counters import FIELDS, Counts, Entry, Row
 from tracer_exporter.render import tracer_table
+from tracer_exporter.web_config import WebConfig, WebConfigError, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "openmetrics"), default="table")
     p.add_argument("--output", metavar="FILE", help="write the result here instead of stdout")
     p.add_argument("--listen", metavar="HOST:PORT", help="also serve /metrics and /tracer while CMD runs")
+    p.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="PATH",
+        help="TLS and basic auth for --listen (the same file as the exporter's)",
+    )
     p.add_argument("--config.file", dest="config_file", metavar="PATH", help="limits and probe settings")
     p.add_argument("--log.level", dest="log_level", default="warn", choices=("debug", "info", "warn", "error"))
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -110,9 +117,13 @@ def main(argv: list[str]) -> int:
     if not command:
         print("tracer-exporter run: no command given: tracer-exporter run [options] -- CMD [ARGS...]", file=sys.stderr)
         return EXIT_CANNOT_TRACE
+    if args.web_config_file and not args.listen:
+        print("tracer-exporter run: --web.config.file needs --listen", file=sys.stderr)
+        return EXIT_CANNOT_TRACE
     try:
         config = load_config(args.config_file)
-    except ConfigError as e:
+        web_config = load_web_config(args.web_config_file)
+    except (ConfigError, WebConfigError) as e:
         print(e, file=sys.stderr)
         return EXIT_CANNOT_TRACE
     # Say so before seconds of compiling, as a shell would; exec still reports later failures.
@@ -139,12 +150,12 @@ def main(argv: list[str]) -> int:
         probes.close()
         return EXIT_CANNOT_TRACE
     try:
-        return _trace(args, command, probes)
+        return _trace(args, command, probes, web_config)
     finally:
         probes.close()
 
 
-def _trace(args: argparse.Namespace, command: list[str], probes: object) -> int:
+def _trace(args: argparse.Namespace, command: list[str], probes: object, web_config: WebConfig) -> int:
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -170,7 +181,7 @@ def _trace(args: argparse.Namespace, command: list[str], probes: object) -> int:
         print(f"tracer-exporter run: {command[0]}: {os.strerror(int(failed))}", file=sys.stderr)
         return EXIT_CANNOT_START
 
-    server = _serve(args.listen, probes) if args.listen else None
+    server = _serve(args.listen, probes, web_config) if args.listen else None
     interrupts = 0
 
     def forward(signum: int, _frame: object) -> None:
@@ -211,7 +222,7 @@ def _rows(probes: object, root: int) -> list[Row]:
     return [Row(pid, e.comm or comm_of_root, e.counts, e.parent) for pid, e in sorted(entries.items())]
 
 
-def _serve(listen: str, probes: object) -> object:
+def _serve(listen: str, probes: object, web_config: WebConfig) -> object:
     """A read-only view of the same maps while CMD runs: no control routes."""
     from tracer_exporter import __version__
     from tracer_exporter.procfs import ProcFS
@@ -224,6 +235,6 @@ def _serve(listen: str, probes: object) -> object:
     registry = CollectorRegistry()
     health = probes.health  # type: ignore[attr-defined]
     registry.register(TracerCollector(tracker.rows, health, __version__, os.uname().release))
-    server = HTTPServer(listen, App(tracker, registry, lambda: [], control_networks=[]))
+    server = HTTPServer(listen, App(tracker, registry, lambda: [], control_networks=[]), web_config)
     server.start()
     return server

@@ -222,15 +222,20 @@ class Tracker:
             if self._backend is None:
                 return []
             entries = self._backend.read_all()
-            for gone in self._meta.keys() - entries.keys():
-                del self._meta[gone]
-            for pid, e in entries.items():
-                if pid not in self._meta:
-                    # Tracked by the kernel on fork: it knows the comm and the parent.
-                    info = self._processes.process(pid)
-                    start = info.start_time if info is not None and not info.exited else 0
-                    self._meta[pid] = _Meta(e.comm, start, {SOURCE_FOLLOW}, follow=True, parent=e.parent)
-            self._changed()
+            gone = self._meta.keys() - entries.keys()
+            for pid in gone:
+                del self._meta[pid]
+            new = [pid for pid in entries if pid not in self._meta]
+            for pid in new:
+                # Tracked by the kernel on fork: it knows the comm and the parent.
+                e = entries[pid]
+                info = self._processes.process(pid)
+                start = info.start_time if info is not None and not info.exited else 0
+                self._meta[pid] = _Meta(e.comm, start, {SOURCE_FOLLOW}, follow=True, parent=e.parent)
+            # Only a change of the set can change what the state file keeps:
+            # a scrape of an unchanged set does not rebuild it.
+            if gone or new:
+                self._changed()
             return [Row(pid, self._meta[pid].comm, e.counts, e.parent) for pid, e in sorted(entries.items())]
 
     def sync_config(self, pids: Iterable[int], follow: Iterable[int] = ()) -> list[str]:

@@ -222,8 +222,13 @@ def load_web_config(path: str | None) -> WebConfig:
         raise WebConfigError(f"web config {path}: not valid YAML: {e}") from e
     except UnicodeDecodeError as e:
         raise WebConfigError(f"web config {path}: not UTF-8 text (byte {e.start})") from e
-    config = parse_web_config(doc, Path(path).resolve().parent)
-    config.ssl_context()
+    try:
+        config = parse_web_config(doc, Path(path).resolve().parent)
+        config.ssl_context()
+    except WebConfigError as e:
+        # Name the file on every line, as the read errors above do.
+        lines = (line.removeprefix("web config: ") for line in str(e).splitlines())
+        raise WebConfigError("\n".join(f"web config {path}: {line}" for line in lines)) from e
     return config
 
 

@@ -16,7 +16,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import TRACER_HEADER, Exporter, Lines
+from conftest import TRACER_HEADER, Exporter, Lines, free_port
 
 pytestmark = pytest.mark.guest
 
@@ -88,6 +88,69 @@ def test_run_second_interrupt_exits_130():
         os.killpg(proc.pid, signal.SIGKILL)  # the sleep left behind
         proc.wait(10)
     assert "interrupted twice" in proc.stderr.read()
+
+
+# Drives the module, says so, and exits when its stdin closes.
+DRIVE_AND_WAIT = DRIVE + "; print('driven', flush=True); sys.stdin.read()"
+
+
+def test_run_listen_serves_behind_the_web_config(tmp_path, workload):
+    import base64
+    import http.client
+
+    import bcrypt
+
+    web = tmp_path / "web.yml"
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
+    web.write_text(f"basic_auth_users:\n  alice: '{hashed}'\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["tracer-exporter", "run", "--listen", f"127.0.0.1:{port}", "--web.config.file", str(web), "--format", "json",
+         "--", sys.executable, "-c", DRIVE_AND_WAIT, "23"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out = Lines(proc, timeout=300)
+
+    def get(path: str, auth: bytes | None) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            headers = {"Authorization": "Basic " + base64.b64encode(auth).decode()} if auth else {}
+            conn.request("GET", path, headers=headers)
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
+
+    try:
+        assert out.next() == "driven"
+        assert get("/tracer", None)[0] == 401
+        assert get("/tracer", b"alice:wrong")[0] == 401
+        status, body = get("/tracer", b"alice:s3cret")
+        assert status == 200
+        (row,) = [line.split() for line in body.decode().splitlines()[1:]]
+        assert (int(row[1 + UP]), int(row[1 + DOWN])) == (23, 23)
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    rest = []
+    while (line := out.next()) != "<EOF>":
+        rest.append(line)
+    (final,) = json.loads("\n".join(rest))["processes"]
+    assert (final["counters"]["up_calls"], final["counters"]["down_calls"]) == (23, 23)
+
+
+def test_run_refuses_a_bad_web_config_before_cmd_starts(tmp_path):
+    marker = tmp_path / "ran"
+    out = run_cmd(
+        "--listen", "127.0.0.1:0", "--web.config.file", str(tmp_path / "none.yml"), "--", "touch", str(marker)
+    )
+    assert out.returncode == 2
+    assert f"web config {tmp_path / 'none.yml'}: No such file or directory" in out.stderr
+    assert not marker.exists()
 
 
 # A parent that forks N children; child i makes 100+i up/down pairs, says so,

@@ -57,3 +57,15 @@ def test_a_kernel_that_cannot_trace_exits_2_before_cmd_starts(tmp_path, capsys, 
     assert main(["--", "sh", "-c", f"touch {marker}"]) == 2
     assert "cannot trace on this kernel: the bcc Python module is missing" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_a_web_config_needs_listen_and_must_be_valid_before_anything_runs(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    assert main(["--web.config.file", "w.yml", "--", "touch", str(marker)]) == 2
+    assert "--web.config.file needs --listen" in capsys.readouterr().err
+    bad = tmp_path / "web.yml"
+    bad.write_text("basic_auth_users: [alice]\n")
+    assert main(["--listen", "127.0.0.1:0", "--web.config.file", str(bad), "--", "touch", str(marker)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "basic_auth_users" in err
+    assert not marker.exists()
