@@ -54,7 +54,7 @@ struct inflight {
 	u64 active;	/* between entry and return */
 };
 
-/* Keep in step with tracer_exporter/bpf_maps.py. */
+/* Keep in step with tracer_exporter/probes.py. */
 enum stat {
 	STAT_ALLOC_ENTRIES,
 	STAT_ALLOC_INSERT_FAILURES,
