@@ -105,6 +105,16 @@ class TracerCollector:
         for function, n in sorted(h.kernel_missed.items()):
             kernel.add_metric((function,), n)
         yield kernel
+        skipped = CounterMetricFamily(
+            "tracer_probe_skipped",
+            "Runs of the function's BPF programs the kernel skipped because BPF was already busy on that CPU"
+            " (recursion_misses; kprobe programs from Linux 6.7), any process. Mostly calls in interrupts, which"
+            " are never counted; see the README for when a skip can be a tracked thread's call.",
+            labels=("function",),
+        )
+        for function, n in sorted(h.skipped.items()):
+            skipped.add_metric((function,), n)
+        yield skipped
         entries = GaugeMetricFamily(
             "tracer_alloc_map_entries", "Live kmalloc blocks of tracked processes whose size is remembered."
         )

@@ -19,6 +19,8 @@ class Health:
     missed: dict[str, int] = field(default_factory=dict)  # function -> calls of tracked threads lost
     # function -> what the kernel says its return probe missed, interrupt context included
     kernel_missed: dict[str, int] = field(default_factory=dict)
+    # function or tracepoint -> runs of its programs the kernel skipped, any process
+    skipped: dict[str, int] = field(default_factory=dict)
     alloc_entries: int = 0
     alloc_insert_failures: int = 0
     follow_dropped: int = 0

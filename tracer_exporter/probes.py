@@ -19,7 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
-from tracer_exporter import tracefs
+from tracer_exporter import preempt, progstats, tracefs
 from tracer_exporter.config import Config
 from tracer_exporter.counters import Counts, Entry
 from tracer_exporter.health import Attachment, Health
@@ -113,7 +113,7 @@ def fentry_unsupported() -> str:
 
     if not BPF.support_kfunc():
         return "the kernel has no BTF (/sys/kernel/btf/vmlinux) or no BPF trampolines"
-    return ""
+    return preempt.fentry_hazard(*preempt.current())
 
 
 def _leaf_struct(leaf: type) -> struct.Struct | None:
@@ -433,6 +433,19 @@ class KernelProbes:
     def _stat(self, index: int) -> int:
         return int(sum(self._stats[self._stats.Key(index)]))
 
+    def _skipped(self) -> dict[str, int]:
+        """Runs of each function's programs the kernel skipped (see progstats)."""
+        assert self._bpf is not None
+        handlers = {h: p.function for p in self._plan.probes for h in (p.entry_handler, p.return_handler) if h}
+        symbols = {p.symbol: p.function for p in self._plan.probes}
+        fds = {name.decode(): f.fd for name, f in self._bpf.funcs.items()}
+        out: dict[str, int] = {}
+        for name, label in progstats.program_labels(fds, handlers, symbols).items():
+            n = progstats.recursion_misses(fds[name])
+            if n is not None:
+                out[label] = out.get(label, 0) + n
+        return out
+
     def health(self) -> Health:
         profile = tracefs.read_kprobe_profile()
         me = os.getpid()
@@ -447,6 +460,7 @@ class KernelProbes:
             attachments=list(self._attachments),
             missed={"kmalloc": lost},
             kernel_missed=kernel_missed,
+            skipped=self._skipped(),
             alloc_entries=self._stat(STAT_ALLOC_ENTRIES),
             alloc_insert_failures=self._stat(STAT_ALLOC_INSERT_FAILURES),
             follow_dropped=self._stat(STAT_FOLLOW_DROPPED),

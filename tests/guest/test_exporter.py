@@ -244,6 +244,42 @@ def test_probes_attached_on_this_kernel(exporter):
     assert {s for _, s in attached} <= kallsyms
 
 
+def kernel_recursion_misses(pid: int) -> int | None:
+    """The sum of recursion_misses over a process's BPF program fds, as the kernel shows them."""
+    total = None
+    for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = fdinfo.read_text()
+        except OSError:
+            continue  # closed meanwhile
+        if "prog_type:" in text:
+            for line in text.splitlines():
+                if line.startswith("recursion_misses:"):
+                    total = (total or 0) + int(line.split()[1])
+    return total
+
+
+@pytest.mark.exact
+def test_skipped_runs_are_the_kernels_recursion_misses(exporter):
+    """tracer_probe_skipped_total covers every program the exporter loaded, each under its function."""
+
+    def skipped() -> dict[str, float]:
+        m = exporter.metrics()
+        return {dict(labels)["function"]: v for (name, labels), v in m.items() if name == "tracer_probe_skipped_total"}
+
+    for _ in range(10):
+        before = skipped()
+        kernel = kernel_recursion_misses(exporter.proc.pid)
+        if skipped() == before:
+            break  # no skip between the two reads (they happen in interrupts)
+    if kernel is None:  # Linux before 5.12 shows no recursion_misses: nothing to report
+        assert before == {}
+        return
+    assert sum(before.values()) == kernel
+    functions = {"kmalloc", "kfree", "schedule", "up", "down_interruptible", "mutex_lock", "mutex_unlock"}
+    assert set(before) == functions | {"sched_process_exit", "sched_process_fork"}
+
+
 @pytest.mark.exact
 def test_check_prints_a_symbol_for_every_function():
     out = subprocess.run(["tracer-exporter", "--check"], capture_output=True, text=True, timeout=120)

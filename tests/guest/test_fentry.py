@@ -16,6 +16,7 @@ from conftest import Exporter
 from test_exporter import (  # noqa: F401 (collected here, with this module's exporter)
     test_32_kernel_threads_at_once_are_exact,
     test_exact_counts_in_tracer_and_metrics,
+    test_skipped_runs_are_the_kernels_recursion_misses,
     test_untracked_work_is_not_counted,
 )
 
@@ -34,6 +35,17 @@ def exporter(tmp_path_factory):
         code = exp.stop()
         sys.stderr.write(f"--- exporter log ({exp.log_path}) ---\n{exp.log()[-4000:]}\n")
     assert code == 0
+
+
+PREEMPT = Path("/sys/kernel/debug/sched/preempt")  # guest-fstab mounts debugfs
+
+
+def preemption_model() -> str:
+    """The running model: debugfs on a dynamic kernel, else the build flag in uname -v."""
+    if PREEMPT.exists():
+        return PREEMPT.read_text().split("(")[1].split(")")[0]
+    flags = os.uname().version.split()
+    return "rt" if "PREEMPT_RT" in flags else "full" if "PREEMPT" in flags else "voluntary"
 
 
 def trampolines_expected() -> bool:
@@ -56,8 +68,46 @@ def test_fentry_mode_is_in_use_or_falls_back_clearly(exporter):
     if not trampolines_expected():
         assert "probes.mode fentry is not available (" in log and "); using kprobes" in log, log
         return
-    # BTF and trampolines (bookworm, trixie, trixie-backports): no fallback.
+    model = preemption_model()
+    if model in ("full", "lazy", "rt"):
+        # trixie-backports: its 7.3 preempts BPF programs, so fentry would lose calls.
+        assert (
+            f"probes.mode fentry is not available (the kernel preempts BPF programs (preemption model {model}, from"
+            in log
+        ), log
+        assert "); using kprobes" in log
+        return
+    # BTF and trampolines, no preemption (bookworm, trixie): no fallback.
     assert "probes.mode fentry: " in log and "trampoline programs attached" in log, log
     assert "using kprobes" not in log
     # No kprobe events: trampolines need none.
     assert f"_bcc_{exporter.proc.pid}" not in events
+
+
+@pytest.mark.exact
+def test_fentry_falls_back_when_the_kernel_is_switched_to_full_preemption(tmp_path):
+    """A dynamic kernel switched to full preemption at run time: fentry would lose calls, so kprobes it is."""
+    if not trampolines_expected() or not PREEMPT.exists() or preemption_model() != "voluntary":
+        pytest.skip("needs fentry support and a dynamic kernel running voluntary preemption (bookworm, trixie)")
+    config = tmp_path / "config.yaml"
+    config.write_text("probes:\n  mode: fentry\n")
+    PREEMPT.write_text("full")
+    try:
+        exp = Exporter("--config.file", str(config), log_name="fentry-full")
+        try:
+            exp.wait_ready()
+            log = exp.log()
+            assert (
+                "probes.mode fentry is not available (the kernel preempts BPF programs (preemption model full,"
+                " from /sys/kernel/debug/sched/preempt)" in log
+            ), log
+            assert "probes.mode fentry: " not in log
+            attached = [v for (name, _), v in exp.metrics().items() if name == "tracer_probe_attached"]
+            assert attached and all(v == 1 for v in attached)
+            # Return probes on the kmalloc entry points: the kprobe mode is in use.
+            assert f"_bcc_{exp.proc.pid}" in Path("/sys/kernel/tracing/kprobe_events").read_text()
+        finally:
+            assert exp.stop() == 0
+    finally:
+        PREEMPT.write_text("voluntary")
+    assert preemption_model() == "voluntary"

@@ -46,6 +46,7 @@ def setup():
         attachments=[Attachment("kmalloc", "__kmalloc", True), Attachment("up", "up", False, "boom")],
         missed={"kmalloc": 4},
         kernel_missed={"kmalloc": 11},
+        skipped={"schedule": 3, "sched_process_exit": 0},
         alloc_entries=7,
         alloc_insert_failures=1,
     )
@@ -173,6 +174,8 @@ def test_metrics(setup):
     assert registry.get_sample_value("tracer_probe_attached", {"function": "up", "symbol": "up"}) == 0
     assert registry.get_sample_value("tracer_probe_missed_total", {"function": "kmalloc"}) == 4
     assert registry.get_sample_value("tracer_kprobe_missed_total", {"function": "kmalloc"}) == 11
+    assert registry.get_sample_value("tracer_probe_skipped_total", {"function": "schedule"}) == 3
+    assert registry.get_sample_value("tracer_probe_skipped_total", {"function": "sched_process_exit"}) == 0
     assert registry.get_sample_value("tracer_alloc_map_entries") == 7
     assert registry.get_sample_value("tracer_alloc_map_insert_failures_total") == 1
     assert registry.get_sample_value("tracer_build_info", {"version": "9.9", "kernel": "6.1.0-test"}) == 1
