@@ -92,9 +92,10 @@ def check(config: Config) -> int:
 
 
 def print_ebpf(config: Config) -> int:
-    from tracer_exporter.probes import bpf_source_path, cflags
+    from tracer_exporter.probes import bpf_source_path, cflags, task_btf
 
-    print("// cflags: " + " ".join(cflags(config)))
+    # What the kprobe mode compiles it with on this kernel.
+    print("// cflags: " + " ".join(cflags(config, with_task_btf=task_btf())))
     print(bpf_source_path().read_text(), end="")
     return 0
 

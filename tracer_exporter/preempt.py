@@ -1,18 +1,27 @@
-"""Whether the running kernel preempts BPF programs.
+"""Whether the running kernel preempts BPF programs, and keeping our map
+syscalls from being preempted where it does.
 
 A fentry program runs with preemption enabled where the kernel's model is
 "full", "lazy" or "rt". The kernel guards each program with a per-CPU
 recursion count, so while one task is preempted inside the program every
 other task on that CPU skips it (the program's recursion_misses): calls of
-tracked threads would be lost. kprobe programs run with preemption disabled.
+tracked threads would be lost. kprobe programs run with preemption disabled,
+but a BPF map syscall holds its CPU's guard for kprobe programs
+(bpf_prog_active) with preemption enabled: see Unpreempted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
+import os
 import platform
 import re
+from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PREEMPTIBLE = frozenset({"full", "lazy", "rt"})
 DEBUGFS_PREEMPT = Path("/sys/kernel/debug/sched/preempt")
@@ -91,3 +100,42 @@ def fentry_hazard(mode: str | None, source: str) -> str:
             " program preempted on a CPU is skipped there for every other task until it resumes"
         )
     return ""
+
+
+class Unpreempted:
+    """Runs blocks of BPF map syscalls as a real-time thread where the kernel preempts.
+
+    Preempted inside such a syscall, a thread would keep its CPU's BPF guard,
+    and the kernel would skip every kprobe program there, losing the calls
+    other tasks make meanwhile. Ordinary tasks do not preempt a SCHED_FIFO
+    thread, so the syscall ends first, as on a kernel that does not preempt.
+    The policy is per thread and restored after the block.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        saved = self._raise() if self.enabled else None
+        try:
+            yield
+        finally:
+            if saved is not None:
+                os.sched_setscheduler(0, *saved)
+
+    def _raise(self) -> tuple[int, os.sched_param] | None:
+        try:
+            policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+            if policy in (os.SCHED_FIFO, os.SCHED_RR):
+                return None  # already real-time: started so by the operator
+            os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(1))
+        except OSError as e:
+            self.enabled = False
+            log.warning(
+                "cannot run BPF map reads and writes as SCHED_FIFO (%s); on a kernel that preempts, a preempted"
+                " one can make kprobe programs skip other tasks' calls (see tracer_probe_skipped_total)",
+                e,
+            )
+            return None
+        return policy, param

@@ -153,6 +153,8 @@ class KernelProbes:
         self._last_read: tuple[tuple[int, ...], bytes, dict[int, Entry]] = ((), b"", {})
         self._slots: memoryview | None = None  # user space's halves of the tracked filter
         self._slots_lock = threading.Lock()  # user space's filter slots have one writer at a time
+        # Around map syscalls, on every kernel: a dynamic one can be switched to full preemption at any time.
+        self._unpreempted = preempt.Unpreempted(True)
 
     def load(self) -> None:
         try:
@@ -294,7 +296,7 @@ class KernelProbes:
         leaf.parent = parent
         if follow:
             self._watch_follow_drops()
-        with self._slots_lock:
+        with self._slots_lock, self._unpreempted():
             self._slot_add(pid, 1)
             res = self._lib.bpf_update_elem(self._tracked.map_fd, ct.byref(self._key(pid)), ct.byref(leaf), BPF_NOEXIST)
             if res != 0:
@@ -313,7 +315,7 @@ class KernelProbes:
         raise OSError(err, f"tracking pid {pid}: {os.strerror(err)}")
 
     def untrack(self, pid: int) -> bool:
-        with self._slots_lock:
+        with self._slots_lock, self._unpreempted():
             res = self._lib.bpf_delete_elem(self._tracked.map_fd, ct.byref(self._key(pid)))
             if res == 0:
                 self._slot_add(pid, -1)
@@ -331,10 +333,11 @@ class KernelProbes:
         return Entry(counts, int(v.parent), comm)  # type: ignore[attr-defined]
 
     def read_all(self) -> dict[int, Entry]:
-        got = self._read_batch("tracked", self._tracked)
-        if got is None:
-            # Per key: two syscalls an entry (next key, lookup).
-            return {k.value: self._entry(v) for k, v in self._tracked.items()}
+        with self._unpreempted():
+            got = self._read_batch("tracked", self._tracked)
+            if got is None:
+                # Per key: two syscalls an entry (next key, lookup).
+                return {k.value: self._entry(v) for k, v in self._tracked.items()}
         keys, values, total = got
         unpack = _leaf_struct(self._tracked.Leaf)
         if unpack is None or ct.sizeof(self._tracked.Key) != 4:
@@ -397,9 +400,10 @@ class KernelProbes:
 
     def pop_exited(self) -> dict[int, Entry]:
         """Final counters of processes that exited while kept (see keep_exited)."""
-        out = {k.value: self._entry(v) for k, v in self._exited.items()}
-        for pid in out:
-            self._lib.bpf_delete_elem(self._exited.map_fd, ct.byref(self._exited.Key(pid)))
+        with self._unpreempted():
+            out = {k.value: self._entry(v) for k, v in self._exited.items()}
+            for pid in out:
+                self._lib.bpf_delete_elem(self._exited.map_fd, ct.byref(self._exited.Key(pid)))
         return out
 
     def _watch_follow_drops(self) -> None:
@@ -431,7 +435,8 @@ class KernelProbes:
         self._events.start()
 
     def _stat(self, index: int) -> int:
-        return int(sum(self._stats[self._stats.Key(index)]))
+        with self._unpreempted():
+            return int(sum(self._stats[self._stats.Key(index)]))
 
     def _skipped(self) -> dict[str, int]:
         """Runs of each function's programs the kernel skipped (see progstats)."""

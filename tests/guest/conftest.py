@@ -41,6 +41,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+PREEMPT = Path("/sys/kernel/debug/sched/preempt")  # guest-fstab mounts debugfs
+
+
+def preemption_model() -> str:
+    """The running model: debugfs on a dynamic kernel, else the build flag in uname -v."""
+    if PREEMPT.exists():
+        return PREEMPT.read_text().split("(")[1].split(")")[0]
+    flags = os.uname().version.split()
+    return "rt" if "PREEMPT_RT" in flags else "full" if "PREEMPT" in flags else "voluntary"
+
+
+@pytest.fixture
+def preemptible():
+    """The kernel preempting: as it is (7.3), or switched to full for the test (6.1, 6.12)."""
+    model = preemption_model()
+    if model in ("full", "lazy", "rt"):
+        yield model
+        return
+    if not PREEMPT.exists():
+        pytest.skip(f"preemption model {model}, and not a dynamic kernel (bullseye's 5.10)")
+    PREEMPT.write_text("full")
+    try:
+        yield "full"
+    finally:
+        PREEMPT.write_text(model)
+    assert preemption_model() == model
+
+
 class Lines:
     """A child's stdout read line by line, every read bounded by a timeout."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,11 @@ from conftest import Lines
 from workload import expected
 
 pytestmark = pytest.mark.guest
+
+HERE = Path(__file__).resolve().parent
+# Scraped while counting: enough rows that a scrape's map read takes a while.
+SCRAPED_ROWS = 300
+SCRAPED_OPS = "mutex:400000 updown:200000 kmalloc:50000:64 kfree:all schedule:5000"
 
 # /tracer columns after PID, and the metric each one is published as.
 COLUMNS = (
@@ -242,6 +248,66 @@ def test_probes_attached_on_this_kernel(exporter):
     assert all(v == 1 for v in attached.values()), attached
     kallsyms = {line.split()[2] for line in Path("/proc/kallsyms").read_text().splitlines() if len(line.split()) == 3}
     assert {s for _, s in attached} <= kallsyms
+
+
+def skipped_total(exporter) -> float:
+    return sum(v for (name, _), v in exporter.metrics().items() if name == "tracer_probe_skipped_total")
+
+
+@pytest.mark.exact
+def test_counts_stay_exact_while_scraped_on_a_kernel_that_preempts(exporter, workload, preemptible, tmp_path, capsys):
+    """A BPF map syscall holds its CPU's guard for kprobe programs; preempted
+    there, it would make the kernel skip them for every task on that CPU. So a
+    scrape must not cost tracked threads any call: a kernel thread does known
+    work on a busy guest while /metrics reads hundreds of rows in a loop.
+    Debian 12 and 13 run voluntary preemption: the fixture switches them to
+    full for the test."""
+    exe = tmp_path / "spawner"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(HERE / "spawner.c")], check=True, timeout=300)
+    spawner = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    busy: list[subprocess.Popen] = []
+    scrapes: list[int] = []
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            scrapes.append(exporter.request("GET", "/metrics")[0])
+
+    try:
+        assert exporter.request("POST", f"/pids/{spawner.pid}?follow_forks=1")[0] == 201
+        out = Lines(spawner, timeout=300)
+        out.say(str(SCRAPED_ROWS))
+        assert out.next() == f"ok {SCRAPED_ROWS}"
+        skipped_before = skipped_total(exporter)
+        pid = workload.spawn(SCRAPED_OPS)
+        exporter.track(pid)
+        # One CPU-bound loop: the scraper shares its CPU, so it is preempted now and then.
+        busy.append(subprocess.Popen(["sh", "-c", "while :; do :; done"]))
+        scraper = threading.Thread(target=scrape)
+        scraper.start()
+        try:
+            workload.start(pid)
+            tally = workload.wait(pid, 300000)
+        finally:
+            stop.set()
+            scraper.join(120)
+        try:
+            row = exporter.tracer()[pid]
+            metrics = metrics_row(exporter.metrics(), pid, exporter.comm(pid))
+            skipped = skipped_total(exporter) - skipped_before
+        finally:
+            workload.stop(pid)
+    finally:
+        for p in (*busy, spawner):
+            p.kill()
+            p.wait(30)
+    with capsys.disabled():
+        print(
+            f"\n{len(scrapes)} scrapes of {SCRAPED_ROWS + 2} rows while counting; runs the kernel skipped: {skipped:.0f}"
+        )
+    assert len(scrapes) >= 3 and set(scrapes) == {200}
+    assert row == row_of(tally)
+    assert metrics == row_of(tally)
 
 
 def kernel_recursion_misses(pid: int) -> int | None:

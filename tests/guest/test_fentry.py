@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Exporter
+from conftest import PREEMPT, Exporter, preemption_model
 from test_exporter import (  # noqa: F401 (collected here, with this module's exporter)
     test_32_kernel_threads_at_once_are_exact,
     test_exact_counts_in_tracer_and_metrics,
@@ -35,17 +35,6 @@ def exporter(tmp_path_factory):
         code = exp.stop()
         sys.stderr.write(f"--- exporter log ({exp.log_path}) ---\n{exp.log()[-4000:]}\n")
     assert code == 0
-
-
-PREEMPT = Path("/sys/kernel/debug/sched/preempt")  # guest-fstab mounts debugfs
-
-
-def preemption_model() -> str:
-    """The running model: debugfs on a dynamic kernel, else the build flag in uname -v."""
-    if PREEMPT.exists():
-        return PREEMPT.read_text().split("(")[1].split(")")[0]
-    flags = os.uname().version.split()
-    return "rt" if "PREEMPT_RT" in flags else "full" if "PREEMPT" in flags else "voluntary"
 
 
 def trampolines_expected() -> bool:

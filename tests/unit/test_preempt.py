@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import os
+
+import pytest
 
 from tracer_exporter import preempt
-from tracer_exporter.preempt import cmdline_mode, config_mode, debugfs_mode, fentry_hazard, model
+from tracer_exporter.preempt import Unpreempted, cmdline_mode, config_mode, debugfs_mode, fentry_hazard, model
 
 DYNAMIC = "#1 SMP PREEMPT_DYNAMIC Debian 7.3.4-1~bpo13+1 (2026-11-15)"
 LAZY_CONFIG = (
@@ -75,3 +78,58 @@ def test_current_reads_the_files_of_the_running_kernel(tmp_path, monkeypatch):
     assert preempt.current() == ("full", "preempt= on the kernel command line")
     files["/sys/kernel/debug/sched/preempt"] = "full (lazy) \n"
     assert preempt.current() == ("lazy", "/sys/kernel/debug/sched/preempt")
+
+
+class FakeSched:
+    """os.sched_* of one thread."""
+
+    def __init__(self, policy: int = os.SCHED_OTHER, fail: bool = False) -> None:
+        self.policy, self.priority, self.fail = policy, 0, fail
+        self.calls: list[tuple[int, int]] = []
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(preempt.os, "sched_getscheduler", lambda pid: self.policy)
+        monkeypatch.setattr(preempt.os, "sched_getparam", lambda pid: os.sched_param(self.priority))
+        monkeypatch.setattr(preempt.os, "sched_setscheduler", self.set)
+
+    def set(self, pid: int, policy: int, param: os.sched_param) -> None:
+        assert pid == 0  # the calling thread only
+        if self.fail:
+            raise PermissionError(1, "Operation not permitted")
+        self.calls.append((policy, param.sched_priority))
+        self.policy, self.priority = policy & ~os.SCHED_RESET_ON_FORK, param.sched_priority
+
+
+def test_map_syscalls_run_real_time_and_the_policy_comes_back(monkeypatch):
+    sched = FakeSched()
+    sched.install(monkeypatch)
+    unpreempted = Unpreempted(True)
+    with unpreempted():
+        assert (sched.policy, sched.priority) == (os.SCHED_FIFO, 1)
+    # Children never inherit it; the thread is ordinary again after the block, even after an error.
+    assert sched.calls == [(os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, 1), (os.SCHED_OTHER, 0)]
+    with pytest.raises(KeyError), unpreempted():
+        raise KeyError("boom")
+    assert (sched.policy, sched.priority) == (os.SCHED_OTHER, 0)
+
+
+def test_a_thread_already_real_time_or_a_kernel_that_does_not_preempt_is_left_alone(monkeypatch):
+    sched = FakeSched(policy=os.SCHED_RR)
+    sched.install(monkeypatch)
+    with Unpreempted(True)():
+        pass
+    with Unpreempted(False)():
+        pass
+    assert sched.calls == []
+
+
+def test_without_the_privilege_it_warns_once_and_goes_on(monkeypatch, caplog):
+    sched = FakeSched(fail=True)
+    sched.install(monkeypatch)
+    unpreempted = Unpreempted(True)
+    for _ in range(3):
+        with unpreempted():
+            pass
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "cannot run BPF map reads and writes as SCHED_FIFO" in warnings[0]
+    assert not unpreempted.enabled
