@@ -434,9 +434,10 @@ class KernelProbes:
         self._events = threading.Thread(target=poll, name="follow-drops", daemon=True)
         self._events.start()
 
-    def _stat(self, index: int) -> int:
+    def _read_stats(self, *indexes: int) -> list[int]:
+        """Per-CPU stats summed over CPUs, in one block of map lookups."""
         with self._unpreempted():
-            return int(sum(self._stats[self._stats.Key(index)]))
+            return [int(sum(self._stats[self._stats.Key(i)])) for i in indexes]
 
     def _skipped(self) -> dict[str, int]:
         """Runs of each function's programs the kernel skipped (see progstats)."""
@@ -459,16 +460,22 @@ class KernelProbes:
             if p.return_handler:
                 _, miss = profile.get(tracefs.bcc_event_name("r", p.symbol, me), (0, 0))
                 kernel_missed[p.function] = kernel_missed.get(p.function, 0) + miss
-        # What tracked threads lost: returns never seen, and entries not recorded.
-        lost = self._stat(STAT_RETURNS_LOST) + self._stat(STAT_INFLIGHT_INSERT_FAILURES)
+        returns_lost, inflight_failures, entries, insert_failures, dropped = self._read_stats(
+            STAT_RETURNS_LOST,
+            STAT_INFLIGHT_INSERT_FAILURES,
+            STAT_ALLOC_ENTRIES,
+            STAT_ALLOC_INSERT_FAILURES,
+            STAT_FOLLOW_DROPPED,
+        )
         return Health(
             attachments=list(self._attachments),
-            missed={"kmalloc": lost},
+            # What tracked threads lost: returns never seen, and entries not recorded.
+            missed={"kmalloc": returns_lost + inflight_failures},
             kernel_missed=kernel_missed,
             skipped=self._skipped(),
-            alloc_entries=self._stat(STAT_ALLOC_ENTRIES),
-            alloc_insert_failures=self._stat(STAT_ALLOC_INSERT_FAILURES),
-            follow_dropped=self._stat(STAT_FOLLOW_DROPPED),
+            alloc_entries=entries,
+            alloc_insert_failures=insert_failures,
+            follow_dropped=dropped,
         )
 
     def close(self) -> None:
