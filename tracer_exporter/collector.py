@@ -28,6 +28,14 @@ def process_families(rows: list[Row]) -> Iterator[Metric]:
     yield tracked
 
 
+def by_function(name: str, help_text: str, counts: dict[str, int]) -> Metric:
+    """A counter family with one sample per function."""
+    fam = CounterMetricFamily(name, help_text, labels=("function",))
+    for function, n in sorted(counts.items()):
+        fam.add_metric((function,), n)
+    return fam
+
+
 class TracerCollector:
     def __init__(
         self,
@@ -88,33 +96,24 @@ class TracerCollector:
         for a in h.attachments:
             attached.add_metric((a.function, a.symbol), 1 if a.attached else 0)
         yield attached
-        missed = CounterMetricFamily(
+        yield by_function(
             "tracer_probe_missed",
             "Calls of tracked threads lost to the counts: kmalloc returns never seen, or entries not recorded.",
-            labels=("function",),
+            h.missed,
         )
-        for function, n in sorted(h.missed.items()):
-            missed.add_metric((function,), n)
-        yield missed
-        kernel = CounterMetricFamily(
+        yield by_function(
             "tracer_kprobe_missed",
             "Hits the kernel's return probes missed, any process, including interrupts that arrived while"
             " another probe ran (never a tracked thread's own call).",
-            labels=("function",),
+            h.kernel_missed,
         )
-        for function, n in sorted(h.kernel_missed.items()):
-            kernel.add_metric((function,), n)
-        yield kernel
-        skipped = CounterMetricFamily(
+        yield by_function(
             "tracer_probe_skipped",
             "Runs of the function's BPF programs the kernel skipped because BPF was already busy on that CPU"
             " (recursion_misses; kprobe programs from Linux 6.7), any process. Mostly calls in interrupts, which"
             " are never counted; see the README for when a skip can be a tracked thread's call.",
-            labels=("function",),
+            h.skipped,
         )
-        for function, n in sorted(h.skipped.items()):
-            skipped.add_metric((function,), n)
-        yield skipped
         entries = GaugeMetricFamily(
             "tracer_alloc_map_entries", "Live kmalloc blocks of tracked processes whose size is remembered."
         )
