@@ -2,12 +2,12 @@
 
 An allow-list map of pids (given as $1), per-process counts and bytes, the
 in-flight kmalloc size per thread and the address->size map that any
-process's kfree retires: what bpf/tracer.bpf.c does, on the same symbols.
+process's kfree retires: what tracer_exporter/kernel/bpf/tracer.bpf.c does, on the same symbols.
 """
 
 from __future__ import annotations
 
-from tracer_exporter.symbols import Plan
+from tracer_exporter.kernel.symbols import Kind, Plan
 
 COUNTED = {
     "schedule": "sched",
@@ -25,7 +25,7 @@ def script(plan: Plan) -> str:
     returns = []
     for p in plan.probes:
         if p.return_handler:
-            arg = int(p.entry_handler.rsplit("arg", 1)[1]) - 1
+            arg = p.size_arg - 1
             by_arg.setdefault(f"arg{arg}", []).append(f"kprobe:{p.symbol}")
             returns.append(f"kretprobe:{p.symbol}")
     for arg, probes in sorted(by_arg.items()):
@@ -36,7 +36,7 @@ def script(plan: Plan) -> str:
         " if (retval > 16) { @kmalloc_bytes[pid] = sum($s); @allocs[retval] = $s; } }"
     )
     for p in plan.probes:
-        if p.function == "kfree":
+        if p.kind is Kind.KFREE:
             lines.append(
                 f"kprobe:{p.symbol} {{ $t = @tracked[pid]; if ($t) {{ @kfree[pid] = count(); }}"
                 " if (arg0 > 16) { $s = @allocs[arg0];"

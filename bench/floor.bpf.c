@@ -28,7 +28,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 }
 
 #ifdef FENTRY_PROBES
-/* The items tracer_exporter/probes.py lists, as in bpf/tracer.bpf.c. */
+/* The items tracer_exporter/kernel/program.py lists, as in tracer_exporter/kernel/bpf/tracer.bpf.c. */
 #define KMALLOC(sym, size_arg)		\
 KFUNC_PROBE(sym)			\
 {					\

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What each part of the tracked path costs: workload B under variants of
-bpf/tracer.bpf.c, each with one thing taken out or changed, interleaved in one
+tracer_exporter/kernel/bpf/tracer.bpf.c, each with one thing taken out or changed, interleaved in one
 boot. A measuring tool, not a product: the variants are not exact.
 
 usage (as root in a guest): python3 bench/variants.py [REPS]
@@ -9,7 +9,6 @@ e.g.  tests/vm/run --distro trixie -- python3 bench/variants.py 5
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -21,9 +20,9 @@ sys.path.insert(0, str(REPO / "tests" / "workload"))
 from workload import build_and_load  # noqa: E402
 
 from bench.run import Worker  # noqa: E402
-from tracer_exporter.config import Config  # noqa: E402
-from tracer_exporter.probes import KernelProbes  # noqa: E402
-from tracer_exporter.symbols import read_kallsyms, resolve  # noqa: E402
+from tracer_exporter.kernel.probes import KernelProbes  # noqa: E402
+from tracer_exporter.kernel.symbols import read_kallsyms, resolve  # noqa: E402
+from tracer_exporter.model.config import Config  # noqa: E402
 
 NO_STAT = [("stat_add(STAT_ALLOC_ENTRIES, 1);", ";"), ("stat_add(STAT_ALLOC_ENTRIES, -1);", ";")]
 NO_PREALLOC = [
@@ -33,21 +32,24 @@ PLAIN_ADDS = [
     (f"__sync_fetch_and_add(&c->{f}, {n})", f"c->{f} += {n}")
     for f, n in (("kmalloc_calls", 1), ("kmalloc_bytes", "size"), ("kfree_calls", 1), ("kfree_bytes", "*size"))
 ] + [("__sync_fetch_and_add(&c->field, 1)", "c->field += 1")]
+TASK_CONTEXT = "static __always_inline bool task_context(u64 sp)\n{\n\tu64 cpu"
 VARIANTS: dict[str, list[tuple[str, str]]] = {
     "as shipped": [],
     "no alloc-count stat": NO_STAT,
     "allocs not preallocated": NO_PREALLOC,
     "plain adds, not atomic": PLAIN_ADDS,
-    "no interrupt-stack check": [("\treturn sp >= base && sp < base + THREAD_SIZE;", "\treturn true;")],
+    # The interrupt check: the preempt count as shipped, the stack range it replaced, none.
+    "stack check only (before the preempt count)": [("#ifdef PREEMPT_COUNT_VAR\n", "#ifdef PREEMPT_COUNT_VAR_UNSET\n")],
+    "no interrupt check": [(TASK_CONTEXT, TASK_CONTEXT.replace("{\n", "{\n\treturn true;\n"))],
     "no address map (wrong kfree bytes)": [("\tremember_alloc(addr, size);", "")],
 }
 
 
 def write_variant(index: int, subs: list[tuple[str, str]]) -> Path:
-    text = (REPO / "bpf" / "tracer.bpf.c").read_text()
+    text = (REPO / "tracer_exporter" / "kernel" / "bpf" / "tracer.bpf.c").read_text()
     for old, new in subs:
         if old not in text:
-            raise SystemExit(f"variants: {old!r} is no longer in bpf/tracer.bpf.c")
+            raise SystemExit(f"variants: {old!r} is no longer in tracer_exporter/kernel/bpf/tracer.bpf.c")
         text = text.replace(old, new)
     path = Path(f"/tmp/tracer-variant-{index}.c")
     path.write_text(text)
@@ -62,12 +64,11 @@ def main() -> int:
     loaded: dict[str, KernelProbes] = {}
     try:
         for i, (name, subs) in enumerate(VARIANTS.items()):
-            os.environ["TRACER_EXPORTER_BPF_SOURCE"] = str(write_variant(i, subs))
-            probes = KernelProbes(Config(), plan)
+            probes = KernelProbes(Config(probe_mode="kprobe"), plan, source=write_variant(i, subs))
             probes.load()
             probes.attach()
             probes.track(worker.pid)
-            probes.detach()
+            probes.program.detach()
             loaded[name] = probes
         none: list[float] = []
         times: dict[str, list[float]] = {name: [] for name in loaded}
@@ -76,7 +77,7 @@ def main() -> int:
             for name, probes in loaded.items():
                 probes.attach()
                 times[name].append(worker.run())
-                probes.detach()
+                probes.program.detach()
     finally:
         worker.close()
         for probes in loaded.values():

@@ -16,13 +16,27 @@ from typing import Any
 OUT = Path(__file__).resolve().parent / "provisioning" / "dashboards" / "tracer-exporter.json"
 
 UID = "tracer-exporter"
-SCHEMA_VERSION = 39
+# Grafana 12's. Since 39, v40 makes refresh a string (it is) and v41 drops timepicker.time_options (none here).
+SCHEMA_VERSION = 41
 DS = {"type": "prometheus", "uid": "${datasource}"}
 
 SEL = 'job=~"$job", instance=~"$instance"'
-PSEL = SEL + ', pid=~"$pid"'
+# Per-process series: the Top row narrows by comm only, the per-process row by comm and pid.
+CSEL = SEL + ', comm=~"$comm"'
+PSEL = CSEL + ', pid=~"$pid"'
 BY = "instance, pid, comm"
 LEGEND = "{{comm}} ({{pid}}) on {{instance}}"
+BY_FUNCTION = "{{function}} on {{instance}}"
+# up as words, and red when a scrape failed.
+UP_MAPPINGS = [
+    {
+        "type": "value",
+        "options": {
+            "0": {"text": "down", "color": "red", "index": 0},
+            "1": {"text": "up", "color": "green", "index": 1},
+        },
+    }
+]
 
 # (metric without _total, title) of the per-process call counters, /tracer's order.
 CALLS = (
@@ -99,7 +113,7 @@ def timeseries(title: str, unit: str, targets: list[dict[str, Any]], description
     }
 
 
-def stat(title: str, unit: str, expr: str, description: str = "") -> dict[str, Any]:
+def stat(title: str, unit: str, expr: str, description: str = "", legend: str = "{{instance}}") -> dict[str, Any]:
     return {
         "type": "stat",
         "title": title,
@@ -111,14 +125,15 @@ def stat(title: str, unit: str, expr: str, description: str = "") -> dict[str, A
             "colorMode": "value",
             "graphMode": "area",
         },
-        "targets": [target(expr, "{{instance}}")],
+        "targets": [target(expr, legend)],
     }
 
 
-def bargauge(title: str, unit: str, expr: str) -> dict[str, Any]:
+def bargauge(title: str, unit: str, expr: str, description: str = "") -> dict[str, Any]:
     return {
         "type": "bargauge",
         "title": title,
+        "description": description,
         "datasource": DS,
         "fieldConfig": {"defaults": {"unit": unit, "min": 0}, "overrides": []},
         "options": {
@@ -135,9 +150,18 @@ def rate(metric: str, selector: str = PSEL) -> str:
     return f"rate({metric}_total{{{selector}}}[$__rate_interval])"
 
 
+def top(expr: str) -> str:
+    """The $topn largest series: a host with thousands of tracked processes stays readable."""
+    return f"topk($topn, {expr})"
+
+
+# Said by every per-process panel: topk picks anew at each step, so a graph may show more than N.
+TOP_NOTE = " The $topn largest at each moment (variable Top N) among the chosen comm and pid."
+
+
 def variables() -> list[dict[str, Any]]:
-    def query_var(name: str, label: str, query: str, multi: bool) -> dict[str, Any]:
-        return {
+    def query_var(name: str, label: str, query: str, multi: bool, all_value: str | None = ".*") -> dict[str, Any]:
+        var: dict[str, Any] = {
             "name": name,
             "label": label,
             "type": "query",
@@ -148,11 +172,14 @@ def variables() -> list[dict[str, Any]]:
             "sort": 3 if name == "pid" else 1,
             "multi": multi,
             "includeAll": True,
-            "allValue": ".*",
             "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
             "options": [],
             "hide": 0,
         }
+        # Without allValue, Grafana's All is the listed values, e.g. (a|b).
+        if all_value is not None:
+            var["allValue"] = all_value
+        return var
 
     return [
         {
@@ -166,9 +193,12 @@ def variables() -> list[dict[str, Any]]:
             "hide": 0,
             "refresh": 1,
         },
-        query_var("job", "Job", "label_values(tracer_build_info, job)", True),
+        # All is the jobs that have the exporter: up{job=~".*"} would be every target Prometheus scrapes.
+        query_var("job", "Job", "label_values(tracer_build_info, job)", True, all_value=None),
         query_var("instance", "Instance", 'label_values(tracer_build_info{job=~"$job"}, instance)', True),
-        query_var("pid", "PID", f"label_values(tracer_kmalloc_calls_total{{{SEL}}}, pid)", True),
+        # pid's query depends on comm, so comm comes first: pid lists only the processes of the chosen comms.
+        query_var("comm", "Command", f"label_values(tracer_kmalloc_calls_total{{{SEL}}}, comm)", True),
+        query_var("pid", "PID", f"label_values(tracer_kmalloc_calls_total{{{CSEL}}}, pid)", True),
         {
             "name": "topn",
             "label": "Top N",
@@ -185,14 +215,14 @@ def variables() -> list[dict[str, Any]]:
 
 def dashboard() -> dict[str, Any]:
     lay = Layout()
-    lay.row("Tracked processes")
+    lay.row("Tracked processes (top $topn)")
     for metric, name in CALLS:
         lay.add(
             timeseries(
                 f"{name} calls/s",
                 "ops",
-                [target(f"sum by ({BY}) ({rate(metric)})", LEGEND)],
-                f"Calls of {name}() per second, per tracked process.",
+                [target(top(f"sum by ({BY}) ({rate(metric)})"), LEGEND)],
+                f"Calls of {name}() per second, per tracked process." + TOP_NOTE,
             ),
             8,
             8,
@@ -202,10 +232,10 @@ def dashboard() -> dict[str, Any]:
             "kmalloc vs kfree bytes/s",
             "Bps",
             [
-                target(f"sum by ({BY}) ({rate('tracer_kmalloc_bytes')})", "kmalloc " + LEGEND, "A"),
-                target(f"-sum by ({BY}) ({rate('tracer_kfree_bytes')})", "kfree " + LEGEND, "B"),
+                target(top(f"sum by ({BY}) ({rate('tracer_kmalloc_bytes')})"), "kmalloc " + LEGEND, "A"),
+                target("-" + top(f"sum by ({BY}) ({rate('tracer_kfree_bytes')})"), "kfree " + LEGEND, "B"),
             ],
-            "Bytes kmalloc handed out (up) and kfree gave back (down), per second.",
+            "Bytes kmalloc handed out (up) and kfree gave back (down), per second, per tracked process." + TOP_NOTE,
         ),
         8,
         8,
@@ -216,11 +246,12 @@ def dashboard() -> dict[str, Any]:
             "bytes",
             [
                 target(
-                    f"sum by ({BY}) (tracer_kmalloc_bytes_total{{{PSEL}}} - tracer_kfree_bytes_total{{{PSEL}}})",
+                    top(f"sum by ({BY}) (tracer_kmalloc_bytes_total{{{PSEL}}} - tracer_kfree_bytes_total{{{PSEL}}})"),
                     LEGEND,
                 )
             ],
-            "kmalloc_bytes - kfree_bytes since tracking began: memory still held (or freed by another process).",
+            "kmalloc_bytes - kfree_bytes since tracking began: memory still held (or freed by another process)."
+            + TOP_NOTE,
         ),
         8,
         8,
@@ -228,17 +259,41 @@ def dashboard() -> dict[str, Any]:
     lay.row("Top $topn processes")
     for metric, name in CALLS:
         lay.add(
-            bargauge(f"Top {name} calls/s", "ops", f"topk($topn, sum by ({BY}) ({rate(metric, SEL)}))"),
+            bargauge(
+                f"Top {name} calls/s",
+                "ops",
+                top(f"sum by ({BY}) ({rate(metric, CSEL)})"),
+                f"The $topn processes calling {name}() most now, among the chosen comm, whatever the pid choice.",
+            ),
             6,
             8,
         )
     for metric, name in BYTES:
         lay.add(
-            bargauge(f"Top {name}/s", "Bps", f"topk($topn, sum by ({BY}) ({rate(metric, SEL)}))"),
+            bargauge(
+                f"Top {name}/s",
+                "Bps",
+                top(f"sum by ({BY}) ({rate(metric, CSEL)})"),
+                f"The $topn processes with the most {name} per second now, among the chosen comm, whatever the pid"
+                " choice.",
+            ),
             6,
             8,
         )
     lay.row("Exporter health")
+    lay.add(
+        stat(
+            "Targets up",
+            "none",
+            f"min by (instance) (up{{{SEL}}})",
+            "Prometheus's up for each chosen target: 1 when its last scrape succeeded, 0 when it failed (exporter"
+            " down or unreachable, TLS or credentials refused, timeout). A target that is down has no fresh"
+            " tracer_* series: the other panels go blank for it.",
+        )
+        | {"fieldConfig": {"defaults": {"unit": "none", "mappings": UP_MAPPINGS}, "overrides": []}},
+        3,
+        5,
+    )
     lay.add(
         stat(
             "Probes attached",
@@ -246,7 +301,7 @@ def dashboard() -> dict[str, Any]:
             f"sum by (instance) (tracer_probe_attached{{{SEL}}})",
             "Kernel symbols with an attached probe.",
         ),
-        4,
+        3,
         5,
     )
     lay.add(
@@ -256,19 +311,19 @@ def dashboard() -> dict[str, Any]:
             f"sum by (instance) (1 - tracer_probe_attached{{{SEL}}})",
             "Symbols where attaching failed: should be 0.",
         ),
-        4,
+        3,
         5,
     )
-    lay.add(stat("Tracked processes", "none", f"sum by (instance) (tracer_tracked_processes{{{SEL}}})"), 4, 5)
+    lay.add(stat("Tracked processes", "none", f"sum by (instance) (tracer_tracked_processes{{{SEL}}})"), 3, 5)
     lay.add(
         stat("Alloc map entries", "none", f"sum by (instance) (tracer_alloc_map_entries{{{SEL}}})",
              "Live allocations whose size is remembered for kfree (limits.alloc_map_entries bounds it)."),
-        4,
+        3,
         5,
     )  # fmt: skip
     lay.add(
         stat("Last scrape duration", "s", f"max by (instance) (tracer_scrape_duration_seconds{{{SEL}}})"),
-        4,
+        3,
         5,
     )
     lay.add(
@@ -276,21 +331,52 @@ def dashboard() -> dict[str, Any]:
             "Build",
             "none",
             f"sum by (instance, version, kernel) (tracer_build_info{{{SEL}}})",
+            "The exporter's version and the kernel it runs on, per instance.",
+            # textMode name shows the legend, not the value (always 1): the legend is the build.
+            "{{instance}}: {{version}}, kernel {{kernel}}",
         )
         | {"options": {"reduceOptions": {"calcs": ["lastNotNull"]}, "textMode": "name", "colorMode": "none"}},
-        4,
+        6,
         5,
     )
     lay.add(
         timeseries(
-            "Missed return-probe events/s",
+            "Tracked calls lost to the counts/s",
             "ops",
-            [
-                target(
-                    f"sum by (instance, function) ({rate('tracer_probe_missed', SEL)})", "{{function}} on {{instance}}"
-                )
-            ],
-            "kretprobe instances exhausted (probes.kretprobe_maxactive): should stay 0.",
+            [target(f"sum by (instance, function) ({rate('tracer_probe_missed', SEL)})", BY_FUNCTION)],
+            "tracer_probe_missed_total: the exporter's own count, kept by its BPF program, of tracked threads'"
+            " kmalloc calls it could not count: a call whose return it never saw (still open at the thread's next"
+            " kmalloc or at its exit, e.g. when every probes.kretprobe_maxactive return instance was in use), or an"
+            " entry it could not record because the in-flight map (limits.inflight_map_entries) was full. Those"
+            " calls are missing from tracer_kmalloc_calls_total, their bytes from tracer_kmalloc_bytes_total."
+            " Should stay 0.",
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Kernel kprobe misses/s",
+            "ops",
+            [target(f"sum by (instance, function) ({rate('tracer_kprobe_missed', SEL)})", BY_FUNCTION)],
+            "tracer_kprobe_missed_total: the kernel's own count (the misses column of tracefs kprobe_profile) of"
+            " hits its kmalloc return probes missed, for any process: mostly interrupts that arrived while another"
+            " probe ran on that CPU, which are never counted. Informational: the tracked threads' kmalloc calls"
+            " the counts lost are in tracer_probe_missed_total. Always 0 in probes.mode fentry (no return probes).",
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "BPF runs skipped/s",
+            "ops",
+            [target(f"sum by (instance, function) ({rate('tracer_probe_skipped', SEL)})", BY_FUNCTION)],
+            "tracer_probe_skipped_total: runs of each function's BPF programs (and of the sched_process_exit and"
+            " sched_process_fork tracepoint programs) the kernel skipped because BPF was already busy on that CPU"
+            " (the programs' recursion_misses), for any process. Informational: mostly calls in interrupts, which"
+            " are never counted; the README's Probe modes says when a skip can be a tracked thread's call. Counted"
+            " from Linux 5.12 (kprobe programs from 6.7); no series before 5.12.",
         ),
         8,
         8,
@@ -309,7 +395,7 @@ def dashboard() -> dict[str, Any]:
             ],
             "Remembered allocations, and allocations not remembered because the map was full.",
         ),
-        8,
+        12,
         8,
     )
     lay.add(
@@ -319,7 +405,7 @@ def dashboard() -> dict[str, Any]:
             [target(f"max by (instance) (tracer_scrape_duration_seconds{{{SEL}}})", "{{instance}}")],
             "Time each scrape spent reading the kernel maps.",
         ),
-        8,
+        12,
         8,
     )
     lay.add(

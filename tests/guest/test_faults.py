@@ -4,46 +4,17 @@ wrong, keeps serving, and loses nothing."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Exporter
+from conftest import Exporter, bcc_events
 
 pytestmark = pytest.mark.guest
 
-KPROBE_EVENTS = Path("/sys/kernel/tracing/kprobe_events")
 UP, DOWN, LOCK, UNLOCK = 5, 6, 7, 8
-
-
-def bcc_events(pid: int) -> list[str]:
-    return [line for line in KPROBE_EVENTS.read_text().splitlines() if f"_bcc_{pid} " in line + " "]
-
-
-def test_restart_after_sigkill_removes_what_the_dead_instance_left(workload):
-    first = Exporter(log_name="killed")
-    first.wait_ready()
-    first.proc.send_signal(signal.SIGKILL)
-    first.proc.wait(30)
-    left = bcc_events(first.proc.pid)
-    assert left, "a SIGKILLed BCC instance leaves its return probes in tracefs"
-    second = Exporter(log_name="after-kill")
-    try:
-        second.wait_ready()
-        assert bcc_events(first.proc.pid) == []
-        assert f"removed {len(left)} kprobe events left behind by a killed instance" in second.log()
-        pid = workload.spawn("mutex:21")
-        second.track(pid)
-        workload.start(pid)
-        tally = workload.wait(pid, 30000)
-        assert second.tracer()[pid][LOCK] == tally.lock == 21
-        workload.stop(pid)
-    finally:
-        assert second.stop() == 0
-    assert bcc_events(second.proc.pid) == []
 
 
 def test_a_missing_symbol_leaves_the_rest_working(tmp_path, workload):

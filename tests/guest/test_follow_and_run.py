@@ -30,10 +30,15 @@ def run_cmd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
     return subprocess.run(["tracer-exporter", "run", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_run_reports_exact_numbers(workload):
-    out = run_cmd("--format", "json", "--", sys.executable, "-c", DRIVE, "37")
-    assert out.returncode == 0, out.stderr
-    doc = json.loads(out.stdout)
+def test_run_reports_exact_numbers_and_the_status_of_a_killed_command(workload, tmp_path):
+    """One run (one compile): CMD drives the module 37 times, then SIGTERM kills it."""
+    result = tmp_path / "result.json"
+    drive_then_die = DRIVE + "; import signal; os.kill(os.getpid(), signal.SIGTERM)"
+    out = run_cmd("--format", "json", "--output", str(result), "--", sys.executable, "-c", drive_then_die, "37")
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr
+    assert out.stdout == ""
+    doc = json.loads(result.read_text())
+    assert doc["exit_status"] == 128 + signal.SIGTERM
     (proc,) = doc["processes"]
     assert proc["comm"] == "python3"
     assert (proc["counters"]["up_calls"], proc["counters"]["down_calls"]) == (37, 37)
@@ -56,15 +61,11 @@ def test_run_table_follows_forks_with_exact_rows_and_total(workload):
     assert sorted(r[1 + DOWN] for r in rows) == [0, 11, 22, 33]
 
 
-def test_run_exit_statuses(tmp_path):
+def test_run_of_a_missing_command_is_127():
+    # A killed command's status: test_run_reports_exact_numbers_and_the_status_of_a_killed_command.
     missing = run_cmd("--", "/nonexistent/cmd")
     assert missing.returncode == 127
     assert "/nonexistent/cmd: No such file or directory" in missing.stderr
-    out = tmp_path / "result.json"
-    killed = run_cmd("--format", "json", "--output", str(out), "--", "sh", "-c", "kill -TERM $$")
-    assert killed.returncode == 128 + signal.SIGTERM
-    assert killed.stdout == ""
-    assert json.loads(out.read_text())["exit_status"] == 128 + signal.SIGTERM
 
 
 def test_run_second_interrupt_exits_130():
@@ -111,11 +112,11 @@ def test_run_listen_serves_behind_the_web_config(tmp_path, workload):
     )  # fmt: skip
     out = Lines(proc, timeout=300)
 
-    def get(path: str, auth: bytes | None) -> tuple[int, bytes]:
+    def get(path: str, auth: bytes | None, method: str = "GET") -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         try:
             headers = {"Authorization": "Basic " + base64.b64encode(auth).decode()} if auth else {}
-            conn.request("GET", path, headers=headers)
+            conn.request(method, path, headers=headers)
             r = conn.getresponse()
             return r.status, r.read()
         finally:
@@ -129,6 +130,12 @@ def test_run_listen_serves_behind_the_web_config(tmp_path, workload):
         assert status == 200
         (row,) = [line.split() for line in body.decode().splitlines()[1:]]
         assert (int(row[1 + UP]), int(row[1 + DOWN])) == (23, 23)
+        # Read-only whatever the auth: root, authenticated, over loopback finds no control route.
+        pid = int(row[0])
+        for method in ("POST", "DELETE"):
+            status, body = get(f"/pids/{pid}", b"alice:s3cret", method)
+            assert (status, json.loads(body)) == (404, {"error": f"no such route: /pids/{pid}"})
+        assert get(f"/pids/{os.getpid()}", b"alice:s3cret", "POST")[0] == 404
         assert proc.stdin is not None
         proc.stdin.close()
         assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
@@ -265,3 +272,17 @@ def test_fork_bomb_is_capped_by_the_limit(tmp_path, workload):
     log = exp.log()
     assert log.count(f"children of pid {parent.pid} are not tracked") == 1, log
     assert code == 0
+
+
+def test_run_says_when_the_exited_map_was_full_and_exits_3(tmp_path):
+    # Four rows fit; eight children and the shell exit one after another.
+    config = tmp_path / "c.yaml"
+    config.write_text("limits: {max_tracked_processes: 4}\n")
+    out = run_cmd(
+        "--config.file", str(config), "--follow-forks", "--format", "json", "--",
+        "sh", "-c", "for n in 1 2 3 4 5 6 7 8; do /bin/true; done",
+    )  # fmt: skip
+    assert out.returncode == 3, out.stderr
+    doc = json.loads(out.stdout)
+    assert (len(doc["processes"]), doc["missing_processes"]) == (4, 5)
+    assert "run: 5 processes are missing: they exited while the exited map" in out.stderr

@@ -20,8 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Exporter, Lines
-from test_exporter import COLUMNS, alloc_entries, missed, row_of
+from conftest import COLUMNS, Exporter, Lines, alloc_entries, bcc_events, missed, row_of
 from witness import Witness
 from workload import Tally, Workload, expected
 
@@ -29,8 +28,9 @@ pytestmark = pytest.mark.guest
 
 HERE = Path(__file__).resolve().parent
 UP, DOWN, LOCK, UNLOCK = 5, 6, 7, 8
-# How many short-lived processes the churn soak runs (TRACER_CHURN to try fewer).
-CHURN = int(os.environ.get("TRACER_CHURN", "3000"))
+# How many short-lived processes the churn soak runs (TRACER_CHURN for another count).
+# 1000 takes about 2.5 min under TCG; a per-process leak shows in maps and RSS at any count.
+CHURN = int(os.environ.get("TRACER_CHURN", "1000"))
 
 
 def wait_for(predicate, what: str, timeout: float = 120.0) -> None:
@@ -59,13 +59,23 @@ def kthread_job(exp: Exporter, workload: Workload, pid: int) -> Tally:
 def test_a_body_of_several_mb_gets_413_and_changes_nothing(exporter, workload):
     pid = workload.spawn("mutex:3")
     try:
+        # Up to 256 KiB of a refused body is read, so the client sees the 413 ...
         conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=60)
-        conn.request("POST", f"/pids/{pid}", body=b"x" * (8 << 20))
+        conn.request("POST", f"/pids/{pid}", body=b"x" * (200 << 10))
         reply = conn.getresponse()
         body = json.loads(reply.read())
         conn.close()
         assert reply.status == 413
-        assert "8388608 bytes refused" in body["error"]
+        assert "204800 bytes refused" in body["error"]
+        # ... past that the connection is closed, the reply perhaps lost in the reset.
+        conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=60)
+        try:
+            conn.request("POST", f"/pids/{pid}", body=b"x" * (8 << 20))
+            assert conn.getresponse().status == 413
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        finally:
+            conn.close()
         assert pid not in exporter.tracer()
         # Still serving, and the same request without a body works.
         exporter.track(pid)
@@ -86,9 +96,15 @@ def state_pids(path: Path) -> dict[int, dict]:
     return {e["pid"]: e for e in json.loads(path.read_text())["pids"]}
 
 
-def test_a_restart_keeps_the_runtime_pids_and_drops_the_exited(tmp_path, workload):
+def test_a_restart_after_sigkill_cleans_up_and_keeps_the_runtime_pids(tmp_path, workload):
+    """One crash and restart: the new instance removes the kprobe events the
+    killed one left, restores the runtime pids that still run, drops those
+    that exited meanwhile, and counts the restored ones exactly."""
     state = tmp_path / "state.json"
-    first = started("--state.file", str(state), log_name="state-first")
+    # kprobe mode: its return probes are what a killed instance leaves behind.
+    config = tmp_path / "c.yaml"
+    config.write_text("probes:\n  mode: kprobe\n")
+    first = started("--config.file", str(config), "--state.file", str(state), log_name="state-first")
     parent, lines = sleeper_that_forks()
     kept = workload.spawn("updown:7 mutex:5")
     gone = workload.spawn("mutex:1")
@@ -100,16 +116,22 @@ def test_a_restart_keeps_the_runtime_pids_and_drops_the_exited(tmp_path, workloa
         lines.say()
         child = int(lines.next())
         wait_for(lambda: child in first.tracer(), "the forked child tracked")
+        # Written by the exporter's state writer, a moment after the change.
+        want = sorted([kept, gone, parent.pid, child])
+        wait_for(lambda: state.exists() and sorted(state_pids(state)) == want, "the state file naming all four", 10)
         saved = state_pids(state)
-        assert sorted(saved) == sorted([kept, gone, parent.pid, child])
         assert saved[child]["parent_pid"] == parent.pid and saved[child]["follow_forks"]
         assert saved[parent.pid]["follow_forks"] and not saved[kept]["follow_forks"]
         # A crash, and a tracked process exits while the exporter is down.
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(30)
+        left = bcc_events(first.proc.pid)
+        assert left, "a SIGKILLed BCC instance leaves its return probes in tracefs"
         workload.stop(gone)
-        second = started("--state.file", str(state), log_name="state-second")
+        second = started("--config.file", str(config), "--state.file", str(state), log_name="state-second")
         try:
+            assert bcc_events(first.proc.pid) == []
+            assert f"removed {len(left)} kprobe events left behind by a killed instance" in second.log()
             pids = {e["pid"]: e for e in second.pids()}
             assert sorted(pids) == sorted([kept, parent.pid, child])
             assert f"state pid {gone}: no process with pid {gone}; dropped from the state file" in second.log()
@@ -121,6 +143,7 @@ def test_a_restart_keeps_the_runtime_pids_and_drops_the_exited(tmp_path, workloa
             assert second.tracer()[kept] == row_of(tally) == row_of(expected("updown:7 mutex:5", kthread=True))
         finally:
             assert second.stop() == 0
+        assert bcc_events(second.proc.pid) == []
         # A clean stop keeps the file too.
         assert sorted(state_pids(state)) == sorted([kept, parent.pid, child])
     finally:
@@ -235,11 +258,12 @@ class Scraper:
 def test_500_concurrent_control_requests_while_scraping(exporter, workload):
     pids = [workload.spawn(f"updown:{20 + i} mutex:{5 + i}") for i in range(10)]
     rng = random.Random(500)
-    # 50 requests on each pid, POSTs and DELETEs mixed, all 500 at once (50 in flight).
+    # 50 requests on each pid, POSTs and DELETEs mixed, all 500 at once (32 in flight, with
+    # the scraper within --web.max-requests' 40).
     plan = [(rng.choice(("POST", "DELETE")), pids[i % 10]) for i in range(500)]
     scraper = Scraper(exporter)
     try:
-        with ThreadPoolExecutor(max_workers=50) as pool:
+        with ThreadPoolExecutor(max_workers=32) as pool:
             results = list(pool.map(lambda req: (req, exporter.request(req[0], f"/pids/{req[1]}")[0]), plan))
         scraper.stop()
         assert scraper.failures == [] and scraper.scrapes > 0
@@ -339,6 +363,7 @@ def test_32_threads_of_one_process_for_10_s_are_exact(small_inflight, workload, 
     got = dict(zip((name for name, _ in COLUMNS), row))
     want = dict(zip((name for name, _ in COLUMNS), row_of(tally)))
     entry_counted = ("kfree", "up", "down", "lock", "unlock")
+    sys.stderr.write(f"interrupt work in the process, not its own: {dict(witness.interrupt)}\n")
     for column, stacks in other.items():
         sys.stderr.write(f"{column}: {sum(stacks.values())} calls outside the module:\n")
         sys.stderr.writelines(f"  {n} x {stack}\n" for stack, n in stacks.most_common(5))
@@ -381,12 +406,14 @@ def test_churn_soak(exporter, workload):
     done = 0
     done_lock = threading.Lock()
     rss: dict[str, int] = {}
+    churned: set[int] = set()
     scraper = Scraper(exp)
 
     def one(w: Workload, i: int) -> tuple[list[int], Tally]:
         nonlocal done
         ops = f"kmalloc:{1 + i % 4}:{64 + 8 * (i % 9)} kzalloc:1:{i % 300} kfree:all updown:{1 + i % 3} mutex:{i % 5}"
         pid = w.spawn(ops)
+        churned.add(pid)
         try:
             exp.track(pid)
             w.start(pid)
@@ -409,11 +436,14 @@ def test_churn_soak(exporter, workload):
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = [r for part in pool.map(worker, range(workers)) for r in part]
         scraper.stop()
-        wait_for(lambda: exp.pids() == [], "every churned process gone from the tracked map", timeout=60)
+        wait_for(
+            lambda: not churned & {e["pid"] for e in exp.pids()}, "every churned process gone from the tracked map", 60
+        )
         rss["end"] = rss_kib(exp.proc.pid)
         assert len(results) == CHURN
         assert scraper.failures == [] and scraper.scrapes > 0
-        assert alloc_entries(exp) == baseline
+        # The churn leaves no entry behind; what earlier tests' processes still hold may be freed meanwhile.
+        assert alloc_entries(exp) <= baseline
         assert missed(exp) == 0
         sums = [sum(col) for col in zip(*(row for row, _ in results))]
         assert sums == [sum(col) for col in zip(*(row_of(t) for _, t in results))]

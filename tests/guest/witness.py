@@ -2,8 +2,11 @@
 entry-counted functions, with the kernel stack of each, so a test can tell
 the workload module's calls from other kernel work done in that process.
 
-Like the exporter, it counts only what runs on the task's own stack (not
-interrupts). It shares no code with the exporter.
+It counts what runs on the task's own stack, and tells interrupt work from
+the rest by its frames: an interrupt that arrives while the task runs in user
+mode, and the softirqs at its exit, run on the task's stack too, but their
+stacks pass through the kernel's interrupt entry or softirq code. It shares
+no code with the exporter (which reads the preempt count instead).
 """
 
 from __future__ import annotations
@@ -57,6 +60,15 @@ static int hit(struct pt_regs *ctx, u32 fn)
 """
 
 
+# Frames of the interrupt entry and softirq code: a stack through any is interrupt work.
+INTERRUPT_FRAMES = ("handle_softirqs", "__do_softirq", "do_softirq", "irq_exit_rcu", "__irq_exit_rcu", "irq_exit")
+INTERRUPT_PREFIXES = ("asm_sysvec_", "sysvec_", "asm_common_interrupt", "common_interrupt")
+
+
+def interrupt_work(frames: list[str]) -> bool:
+    return any(f in INTERRUPT_FRAMES or f.startswith(INTERRUPT_PREFIXES) for f in frames)
+
+
 def module_range(name: str) -> tuple[int, int]:
     """[start, end) of a loaded module's memory, from /proc/modules."""
     with open("/proc/modules", encoding="ascii") as f:
@@ -79,6 +91,7 @@ class Witness:
         for i in range(len(FUNCTIONS)):
             text += f"int on_{i}(struct pt_regs *ctx) {{ return hit(ctx, {i}); }}\n"
         self._bpf = BPF(text=text)
+        self.interrupt: Counter[str] = Counter()  # left out by read(), per column
         for i, fn in enumerate(FUNCTIONS):
             self._bpf.attach_kprobe(event=fn, fn_name=f"on_{i}")
 
@@ -93,6 +106,9 @@ class Witness:
                 module[column] += value.value
                 continue
             frames = [] if key.stack < 0 else [self._bpf.ksym(a).decode() for a in stacks.walk(key.stack)]
+            if interrupt_work(frames):
+                self.interrupt[column] += value.value
+                continue
             other.setdefault(column, Counter())[" < ".join(frames[:8]) or "(stack not recorded)"] += value.value
         return module, other
 

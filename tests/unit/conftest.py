@@ -1,5 +1,5 @@
 import sys
 from pathlib import Path
 
-# fakes.py sits beside the tests that use it.
-sys.path.insert(0, str(Path(__file__).parent))
+# tests/support: the fakes and test certificates shared by test suites.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))

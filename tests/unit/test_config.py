@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer_exporter.config import Config, ConfigError, load_config, parse_config
+from tracer_exporter.model.config import Config, ConfigError, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,3 +121,19 @@ def test_follow_forks_globally_and_per_entry():
     assert (config.pids, config.follow_pids) == ((1, 2, 3), (2,))
     config = parse_config({"follow_forks": True, "pids": [1, {"pid": 2, "follow_forks": False}]})
     assert (config.pids, config.follow_pids) == ((1, 2), (1,))
+
+
+def test_control_users_and_groups():
+    config = parse_config(
+        {"control": {"allowed_users": ["alice", 1000, "1001"], "allowed_groups": ["adm", 4], "users": ["ops"]}}
+    )
+    assert config.control_allowed_users == ("alice", 1000, 1001)
+    assert config.control_allowed_groups == ("adm", 4)
+    assert config.control_users == ("ops",)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"control": {"allowed_users": "alice", "allowed_groups": [-1], "users": [7]}}, "c")
+    assert str(e.value).splitlines() == [
+        "c: control.allowed_users: expected a list of names or ids",
+        "c: control.allowed_groups[0]: expected a name or a non-negative id, got -1",
+        "c: control.users[0]: expected a user name, got 7",
+    ]

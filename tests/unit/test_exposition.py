@@ -8,10 +8,10 @@ from prometheus_client.openmetrics import exposition as openmetrics_format
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from tracer_exporter.collector import TracerCollector
-from tracer_exporter.counters import Counts, Row
-from tracer_exporter.exposition import MetricsApp
-from tracer_exporter.health import Health
+from tracer_exporter.model.counters import Counts, Row
+from tracer_exporter.model.health import Health
+from tracer_exporter.views.collector import TracerCollector
+from tracer_exporter.views.exposition import MetricsApp
 
 ROWS = [
     Row(7, "sh", Counts(1, 2, 3, 4, 5, 6, 7, 8, 9)),
@@ -77,8 +77,8 @@ def test_a_failing_read_is_counted_and_the_rest_served():
 
 
 def test_remembered_lines_follow_changed_counters_and_widths():
-    from tracer_exporter.exposition import ProcessText, _headers
-    from tracer_exporter.render import TracerTable, tracer_table
+    from tracer_exporter.views.exposition import ProcessText, _headers
+    from tracer_exporter.views.tables import TracerTable, tracer_table
 
     table, text = TracerTable(), ProcessText(_headers(False))
     fresh = ProcessText(_headers(False))
@@ -88,3 +88,39 @@ def test_remembered_lines_follow_changed_counters_and_widths():
         assert table.render(rows) == tracer_table(rows)
         assert text.render(rows) == ProcessText(_headers(False)).render(rows)
     assert fresh.render(later) == text.render(later)
+
+
+def raw_scrape(app, environ: dict) -> tuple[dict[str, str], bytes]:
+    got = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+        got["status"], got["headers"] = status, dict(headers)
+
+    body = b"".join(app({"REQUEST_METHOD": "GET", **environ}, start_response))
+    assert got["status"] == "200 OK"
+    return got["headers"], body
+
+
+def test_gzip_when_the_scraper_accepts_it():
+    import gzip
+
+    _, app = registries()
+    plain_headers, plain = raw_scrape(app, {})
+    headers, body = raw_scrape(app, {"HTTP_ACCEPT_ENCODING": "gzip"})
+    assert "Content-Encoding" not in plain_headers
+    assert (headers["Content-Encoding"], headers["Vary"], headers["Content-Length"]) == (
+        "gzip",
+        "Accept-Encoding",
+        str(len(body)),
+    )
+    assert samples(parse_text(gzip.decompress(body).decode())) == samples(parse_text(plain.decode()))
+
+
+def test_accept_encoding_values():
+    from tracer_exporter.views.exposition import gzip_accepted
+
+    # Prometheus sends "gzip"; browsers send lists with weights.
+    assert [
+        gzip_accepted(h)
+        for h in ("gzip", "deflate, GZIP;q=0.5", "x-gzip", "gzip;q=0", "gzip;q=0.0", "identity", "", "gzip;q=x")
+    ] == [True, True, True, False, False, False, False, False]

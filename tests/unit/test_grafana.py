@@ -15,13 +15,14 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tracer_exporter.collector import TracerCollector
-from tracer_exporter.counters import Counts, Row
-from tracer_exporter.health import Attachment, Health
+from tracer_exporter.model.counters import FIELDS, Counts, Row
+from tracer_exporter.model.health import Attachment, Health
+from tracer_exporter.views.collector import TracerCollector
 
 REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "grafana"
 DASHBOARD = GRAFANA / "provisioning" / "dashboards" / "tracer-exporter.json"
+PER_PROCESS = {f.metric for f in FIELDS}  # the counters labelled pid and comm, without _total
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,12 @@ def exposed_metric_names():
     """Every sample name the real collector produces, with one row and full health."""
     registry = CollectorRegistry()
     rows = [Row(42, "worker", Counts(*range(1, 10)), 0)]
-    health = Health(attachments=[Attachment("kmalloc", "__kmalloc", True)], missed={"kmalloc": 0})
+    health = Health(
+        attachments=[Attachment("kmalloc", "__kmalloc", True)],
+        missed={"kmalloc": 0},
+        kernel_missed={"kmalloc": 0},
+        skipped={"kmalloc": 0},
+    )
     registry.register(TracerCollector(lambda: rows, lambda: health, "0", "6.1"))
     text = generate_latest(registry).decode()
     return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and line[0] != "#"}
@@ -56,18 +62,56 @@ def test_json_is_what_the_generator_writes():
 
 def test_fixed_uid_and_schema_version(doc):
     assert doc["uid"] == "tracer-exporter"
-    assert isinstance(doc["schemaVersion"], int) and doc["schemaVersion"] >= 36
+    assert doc["schemaVersion"] == 41
+    # What Grafana's migrations to 40 and 41 would otherwise rewrite on load.
+    assert isinstance(doc["refresh"], str)
+    assert "time_options" not in doc.get("timepicker", {})
 
 
 def test_template_variables(doc):
     variables = {v["name"]: v for v in doc["templating"]["list"]}
-    assert set(variables) >= {"datasource", "job", "instance", "pid"}
+    assert set(variables) >= {"datasource", "job", "instance", "comm", "pid", "topn"}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["pid"]["multi"] is True
-    for name in ("job", "instance", "pid"):
+    for name in ("job", "instance", "comm", "pid"):
         assert variables[name]["type"] == "query"
         assert variables[name]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert variables[name]["definition"] == variables[name]["query"]["query"]
+
+
+def test_comm_filters_the_pid_list_and_the_panels(doc):
+    names = [v["name"] for v in doc["templating"]["list"]]
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    comm, pid = variables["comm"], variables["pid"]
+    assert comm["multi"] is True and comm["includeAll"] is True
+    assert re.fullmatch(r"label_values\(tracer_\w+_total\{[^}]*\}, comm\)", comm["definition"])
+    assert 'instance=~"$instance"' in comm["definition"]
+    # pid lists only the chosen comms' processes, so comm must resolve first.
+    assert 'comm=~"$comm"' in pid["definition"]
+    assert names.index("comm") < names.index("pid")
+    # Every selector of a per-process counter, in any panel, narrows by comm.
+    selectors = [
+        (title, sel)
+        for title, expr in exprs(doc)
+        for name, sel in re.findall(r"\b(tracer_\w+_total)\{([^}]*)\}", expr)
+        if name.removesuffix("_total") in PER_PROCESS
+    ]
+    assert len(selectors) >= 18
+    for title, sel in selectors:
+        assert 'comm=~"$comm"' in sel, (title, sel)
+
+
+def test_per_process_panels_show_the_top_n(doc):
+    # A host may track thousands of processes: each per-process query keeps the $topn largest.
+    per_process = [(t, e) for t, e in exprs(doc) if re.search(r"\bby \([^)]*\bpid\b", e)]
+    # 7 call rates, kmalloc and kfree bytes, outstanding bytes; then the Top row's 9 bar gauges.
+    assert len(per_process) >= 7 + 2 + 1 + len(PER_PROCESS)
+    for title, expr in per_process:
+        assert re.fullmatch(r"-?topk\(\$topn, .*\)", expr), (title, expr)
+        assert expr.count("topk(") == 1, (title, expr)
+    topn = {v["name"]: v for v in doc["templating"]["list"]}["topn"]
+    assert topn["type"] == "custom" and topn["current"]["value"] in topn["query"].split(",")
 
 
 def test_no_hard_coded_datasource_uid(doc):
@@ -120,11 +164,40 @@ def test_required_content(doc):
         "Top kmalloc bytes/s",
         "Top kfree bytes/s",
     } <= titles
-    assert {"Probes attached", "Missed return-probe events/s", "Alloc map fill and overflow"} <= titles
+    assert {"Probes attached", "Tracked calls lost to the counts/s", "Alloc map fill and overflow"} <= titles
+    assert {"Targets up", "Kernel kprobe misses/s", "BPF runs skipped/s"} <= titles
     assert {"Tracked processes", "Scrape duration"} <= titles
+    (build,) = [p for p in panels(doc) if p["title"] == "Build"]
+    assert build["options"]["textMode"] == "name"  # so the legend must carry the build
+    assert {"{{version}}", "{{kernel}}"} <= set(re.findall(r"\{\{\w+\}\}", build["targets"][0]["legendFormat"]))
     outstanding = dict(exprs(doc))["Outstanding kmalloc bytes"]
     assert "tracer_kmalloc_bytes_total" in outstanding and "- tracer_kfree_bytes_total" in outstanding
     assert all("topk($topn," in e for t, e in exprs(doc) if t.startswith("Top "))
+
+
+def test_scrape_health_and_probe_loss_panels(doc):
+    by_metric = {}
+    for p in panels(doc):
+        for t in p["targets"]:
+            for name in re.findall(r"\b(up|tracer_(?:probe_missed|kprobe_missed|probe_skipped)_total)\{", t["expr"]):
+                by_metric[name] = p
+    assert set(by_metric) == {
+        "up",
+        "tracer_probe_missed_total",
+        "tracer_kprobe_missed_total",
+        "tracer_probe_skipped_total",
+    }
+    (up,) = by_metric["up"]["targets"]
+    assert 'job=~"$job"' in up["expr"] and 'instance=~"$instance"' in up["expr"]
+    # All must not be .*, or up{job=~"$job"} is every target Prometheus scrapes.
+    job = {v["name"]: v for v in doc["templating"]["list"]}["job"]
+    assert job["includeAll"] is True and "allValue" not in job
+    # Each description names its metric and says whether it is the exporter's loss or informational.
+    for name in ("tracer_probe_missed_total", "tracer_kprobe_missed_total", "tracer_probe_skipped_total"):
+        assert by_metric[name]["description"].startswith(name + ": "), name
+    assert "Should stay 0" in by_metric["tracer_probe_missed_total"]["description"]
+    for name in ("tracer_kprobe_missed_total", "tracer_probe_skipped_total"):
+        assert "any process" in by_metric[name]["description"] and "Informational" in by_metric[name]["description"]
 
 
 def test_every_metric_named_is_exposed(doc):

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from tracer_exporter import preempt
-from tracer_exporter.preempt import Unpreempted, cmdline_mode, config_mode, debugfs_mode, fentry_hazard, model
+from tracer_exporter.kernel import preempt
+from tracer_exporter.kernel.preempt import Unpreempted, cmdline_mode, config_mode, debugfs_mode, fentry_hazard, model
 
 DYNAMIC = "#1 SMP PREEMPT_DYNAMIC Debian 7.3.4-1~bpo13+1 (2026-11-15)"
 LAZY_CONFIG = (
@@ -103,7 +103,7 @@ class FakeSched:
 def test_map_syscalls_run_real_time_and_the_policy_comes_back(monkeypatch):
     sched = FakeSched()
     sched.install(monkeypatch)
-    unpreempted = Unpreempted(True)
+    unpreempted = Unpreempted()
     with unpreempted():
         assert (sched.policy, sched.priority) == (os.SCHED_FIFO, 1)
     # Children never inherit it; the thread is ordinary again after the block, even after an error.
@@ -113,12 +113,10 @@ def test_map_syscalls_run_real_time_and_the_policy_comes_back(monkeypatch):
     assert (sched.policy, sched.priority) == (os.SCHED_OTHER, 0)
 
 
-def test_a_thread_already_real_time_or_a_kernel_that_does_not_preempt_is_left_alone(monkeypatch):
+def test_a_thread_already_real_time_is_left_alone(monkeypatch):
     sched = FakeSched(policy=os.SCHED_RR)
     sched.install(monkeypatch)
-    with Unpreempted(True)():
-        pass
-    with Unpreempted(False)():
+    with Unpreempted()():
         pass
     assert sched.calls == []
 
@@ -126,7 +124,7 @@ def test_a_thread_already_real_time_or_a_kernel_that_does_not_preempt_is_left_al
 def test_without_the_privilege_it_warns_once_and_goes_on(monkeypatch, caplog):
     sched = FakeSched(fail=True)
     sched.install(monkeypatch)
-    unpreempted = Unpreempted(True)
+    unpreempted = Unpreempted()
     for _ in range(3):
         with unpreempted():
             pass

@@ -1,4 +1,4 @@
-from tracer_exporter.procfs import ProcFS, parse_stat, parse_tgid
+from tracer_exporter.model.procfs import ProcFS, parse_stat, parse_tgid
 
 STAT = "4242 (a (weird) name) S 1 4242 4242 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 987654 0 0\n"
 

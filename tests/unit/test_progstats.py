@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tracer_exporter.progstats import parse_recursion_misses, program_labels, recursion_misses
+from tracer_exporter.kernel.progstats import parse_recursion_misses, program_labels, recursion_misses
 
 FDINFO = """pos:\t0
 flags:\t02000002

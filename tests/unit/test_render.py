@@ -2,8 +2,8 @@ import json
 
 from fakes import TRACER_HEADER
 
-from tracer_exporter.counters import Counts, Row
-from tracer_exporter.render import pids_json, tracer_table
+from tracer_exporter.model.counters import Counts, Row
+from tracer_exporter.views.tables import pids_json, tracer_table
 
 
 def test_tracer_table_columns_and_order():

@@ -2,8 +2,9 @@ import json
 
 from fakes import TRACER_HEADER
 
-from tracer_exporter.counters import Counts, Row
-from tracer_exporter.run import Result, _exit_status, main, render
+from tracer_exporter.cli.run import _exit_status, main
+from tracer_exporter.model.counters import Counts, Row
+from tracer_exporter.views.run_report import Result, render
 
 ROWS = [
     Row(10, "sh", Counts(1, 100, 1, 100, 5, 0, 0, 2, 2)),
@@ -47,10 +48,11 @@ def test_missing_command_is_127_before_any_tracing(capsys):
 
 
 def test_a_kernel_that_cannot_trace_exits_2_before_cmd_starts(tmp_path, capsys, monkeypatch):
-    from tracer_exporter import probes
+    from tracer_exporter.kernel import probes
+    from tracer_exporter.kernel.errors import ProbeError
 
     def cannot_load(self):
-        raise probes.ProbeError("the bcc Python module is missing")
+        raise ProbeError("the bcc Python module is missing")
 
     monkeypatch.setattr(probes.KernelProbes, "load", cannot_load)
     marker = tmp_path / "ran"
@@ -69,3 +71,12 @@ def test_a_web_config_needs_listen_and_must_be_valid_before_anything_runs(tmp_pa
     err = capsys.readouterr().err
     assert str(bad) in err and "basic_auth_users" in err
     assert not marker.exists()
+
+
+def test_missing_processes_are_named_in_json_and_the_warning():
+    doc = json.loads(render(Result(ROWS, 0, missing=5), "json", follow=True))
+    assert doc["missing_processes"] == 5
+    assert json.loads(render(Result(ROWS, 0), "json", follow=True))["missing_processes"] == 0
+    from tracer_exporter.views.run_report import missing_warning
+
+    assert missing_warning(5).startswith("tracer-exporter run: 5 processes are missing: ")

@@ -1,4 +1,11 @@
-from tracer_exporter.symbols import FUNCTION_NAMES, parse_kallsyms, resolve
+from tracer_exporter.kernel.symbols import (
+    FUNCTION_NAMES,
+    PreemptCount,
+    parse_kallsyms,
+    parse_preempt_count,
+    parse_vmalloc_base,
+    resolve,
+)
 
 BASE = {"kfree", "schedule", "up", "down_interruptible", "mutex_unlock"}
 LINUX_5_10 = BASE | {
@@ -106,3 +113,49 @@ def test_missing_records_what_was_tried():
     plan = resolve(LINUX_6_1, {"up": ["no_such_symbol"]})
     assert plan.tried == (("up", "no_such_symbol"),)
     assert "kfree" in plan.symbols and "no_such_symbol" not in plan.symbols
+
+
+KALLSYMS_6_1 = """\
+0000000000000000 A __per_cpu_start
+00000000000199e8 A this_cpu_off
+000000000001fb40 A __preempt_count
+ffffffff8241cb60 D __per_cpu_offset
+ffffffff81000000 T _stext
+ffffffff82e0e8a8 D vmalloc_base
+"""
+KALLSYMS_6_12 = """\
+0000000000032000 D pcpu_hot
+ffffffff83a1d7e0 D __per_cpu_offset
+"""
+
+
+def test_preempt_count_is_the_per_cpu_variable_up_to_6_1_and_from_6_15():
+    found = parse_preempt_count(KALLSYMS_6_1)
+    assert found == PreemptCount(per_cpu_offset=0xFFFFFFFF8241CB60, variable=0x1FB40, in_pcpu_hot=False)
+    assert found.describe() == "__preempt_count at 0x1fb40 + __per_cpu_offset[cpu] (0xffffffff8241cb60)"
+
+
+def test_preempt_count_is_in_pcpu_hot_from_6_2_to_6_14():
+    found = parse_preempt_count(KALLSYMS_6_12)
+    assert found == PreemptCount(per_cpu_offset=0xFFFFFFFF83A1D7E0, variable=0x32000, in_pcpu_hot=True)
+    assert found.describe().startswith("pcpu_hot.preempt_count at 0x32000")
+
+
+def test_no_preempt_count_where_addresses_are_hidden_or_absent():
+    hidden = KALLSYMS_6_1.replace("ffffffff8241cb60", "0000000000000000").replace(
+        "000000000001fb40", "0000000000000000"
+    )
+    assert parse_preempt_count(hidden) is None
+    assert parse_preempt_count("ffffffff8241cb60 D __per_cpu_offset\n") is None
+    assert parse_preempt_count("000000000001fb40 A __preempt_count\n") is None
+
+
+def test_vmalloc_base_is_read_where_the_layout_is_randomized():
+    assert parse_vmalloc_base(KALLSYMS_6_1) == 0xFFFFFFFF82E0E8A8
+    assert parse_vmalloc_base(KALLSYMS_6_12) == 0
+
+
+def test_kvmalloc_and_kmalloc_flags_are_kmalloc_entry_points_where_they_exist():
+    plan = resolve(LINUX_6_12 | {"__kvmalloc_node_noprof", "__kmalloc_flags_noprof"})
+    assert handlers(plan, "kmalloc")["__kvmalloc_node_noprof"] == ("kmalloc_enter_arg1", "kmalloc_return")
+    assert handlers(plan, "kmalloc")["__kmalloc_flags_noprof"] == ("kmalloc_enter_arg1", "kmalloc_return")

@@ -1,4 +1,4 @@
-from tracer_exporter.tracefs import bcc_event_name, our_kprobe_events, parse_kprobe_profile
+from tracer_exporter.kernel.tracefs import bcc_event_name, parse_kprobe_profile
 
 
 def test_parse_kprobe_profile():
@@ -13,13 +13,8 @@ def test_bcc_event_name_replaces_dots():
     assert bcc_event_name("r", "foo.isra.0", 9) == "r_foo_isra_0_bcc_9"
 
 
-def test_our_kprobe_events_filters_by_pid():
-    text = "r64:kprobes/r___kmalloc_bcc_77 __kmalloc\nr64:kprobes/r___kmalloc_bcc_770 __kmalloc\n"
-    assert our_kprobe_events(text, 77) == ["r64:kprobes/r___kmalloc_bcc_77 __kmalloc"]
-
-
 def test_stale_bcc_events_only_dead_instances_on_our_symbols():
-    from tracer_exporter.tracefs import stale_bcc_events
+    from tracer_exporter.kernel.tracefs import stale_bcc_events
 
     text = (
         "r1024:kprobes/r___kmalloc_bcc_77 __kmalloc\n"

@@ -1,8 +1,8 @@
 import pytest
 from fakes import FakeBackend, FakeProcesses, proc
 
-from tracer_exporter.counters import Counts
-from tracer_exporter.tracking import (
+from tracer_exporter.model.counters import Counts
+from tracer_exporter.model.tracking import (
     BadPid,
     LimitReached,
     NoSuchProcess,
@@ -74,7 +74,7 @@ def test_limit():
     tracker.add(1)
     with pytest.raises(LimitReached) as e:
         tracker.add(2)
-    assert e.value.status == 409
+    assert (e.value.kind, e.value.pid) == ("limit", 2)
 
 
 def test_remove():
@@ -90,7 +90,7 @@ def test_not_ready_before_backend():
     tracker = Tracker(FakeProcesses(proc(5)))
     with pytest.raises(NotReady) as e:
         tracker.add(5)
-    assert e.value.status == 503
+    assert e.value.kind == "not_ready"
     assert tracker.rows() == []
 
 

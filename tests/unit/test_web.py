@@ -6,18 +6,20 @@ import pytest
 from fakes import TRACER_HEADER, FakeBackend, FakeProcesses, proc
 from prometheus_client import CollectorRegistry
 
-from tracer_exporter.collector import TracerCollector
-from tracer_exporter.counters import Counts
-from tracer_exporter.health import Attachment, Health
-from tracer_exporter.tracking import Tracker
-from tracer_exporter.web import App, client_allowed, parse_networks
+from tracer_exporter.model.counters import Counts
+from tracer_exporter.model.health import Attachment, Health
+from tracer_exporter.model.tracking import Tracker
+from tracer_exporter.views.collector import TracerCollector
+from tracer_exporter.web.access import ControlPolicy
+from tracer_exporter.web.routes import App, client_allowed, parse_networks
 
 
 class Client:
     def __init__(self, app):
         self.app = app
 
-    def request(self, method, path, remote="127.0.0.1", headers=None):
+    def request(self, method, path, remote="127.0.0.1", headers=None, uid=0):
+        """uid: the owner of the client's socket (None: a client on another host)."""
         path, _, query = path.partition("?")
         environ = {
             "REQUEST_METHOD": method,
@@ -25,6 +27,7 @@ class Client:
             "QUERY_STRING": query,
             "REMOTE_ADDR": remote,
             "wsgi.input": io.BytesIO(),
+            "test.uid": uid,
         }
         environ.update(headers or {})
         setup_testing_defaults(environ)
@@ -36,6 +39,10 @@ class Client:
 
         body = b"".join(self.app(environ, start_response))
         return out["status"], out["headers"], body
+
+
+def socket_owner(environ):
+    return environ["test.uid"]
 
 
 @pytest.fixture
@@ -53,7 +60,7 @@ def setup():
     problems: list[str] = []
     registry = CollectorRegistry()
     registry.register(TracerCollector(tracker.rows, lambda: health, "9.9", "6.1.0-test"))
-    app = App(tracker, registry, lambda: problems)
+    app = App(tracker, registry, lambda: problems, owner=socket_owner)
     tracker.attach_backend(backend)
     return Client(app), backend, registry, problems
 
@@ -94,11 +101,78 @@ def test_errors(setup):
 
 def test_control_is_loopback_only(setup):
     client, backend, _, _ = setup
-    status, _, body = client.request("POST", "/pids/100", remote="10.0.2.2")
-    assert status == 403
-    assert "10.0.2.2" in json.loads(body)["error"]
+    status, _, body = client.request("POST", "/pids/100", remote="10.0.2.2", uid=None)
+    assert (status, json.loads(body)) == (
+        403,
+        {
+            "error": "control requests from 10.0.2.2 are not allowed: not in control.allowed_networks "
+            "and not an authenticated user of control.users"
+        },
+    )
     assert client.request("POST", "/pids/100", remote="::1")[0] == 201
-    assert client.request("GET", "/tracer", remote="10.0.2.2")[0] == 200
+    assert client.request("GET", "/tracer", remote="10.0.2.2", uid=None)[0] == 200
+
+
+def test_control_is_root_only_by_default(setup):
+    client, backend, _, _ = setup
+    for method, path in (("POST", "/pids/100"), ("POST", "/pids/100?follow_forks=1"), ("DELETE", "/pids/200")):
+        status, _, body = client.request(method, path, uid=65534)
+        assert (status, json.loads(body)["error"]) == (
+            403,
+            "uid 65534 (nobody) may not control: only root, control.allowed_users and control.allowed_groups may",
+        )
+    assert backend.maps == {}
+    # Scrapes stay open to everyone.
+    assert client.request("GET", "/tracer", uid=65534)[0] == 200
+    assert client.request("GET", "/pids", uid=65534)[0] == 200
+    assert client.request("GET", "/metrics", uid=65534)[0] == 200
+    assert client.request("POST", "/pids/100", uid=0)[0] == 201
+
+
+def test_allowed_users_and_groups_widen_control(setup):
+    client, backend, _, _ = setup
+    policy = ControlPolicy(
+        networks=parse_networks(["127.0.0.0/8"]),
+        uids=frozenset({0, 1000}),
+        gids=frozenset({50}),
+        groups_of=lambda uid: frozenset({50, 7}) if uid == 2000 else frozenset({uid}),
+    )
+    client.app.policy = policy
+    assert client.request("POST", "/pids/100", uid=1000)[0] == 201
+    assert client.request("DELETE", "/pids/100", uid=2000)[0] == 200
+    assert client.request("POST", "/pids/100", uid=3000)[0] == 403
+    assert backend.maps == {}
+
+
+def test_cross_site_and_rebound_control_is_refused(setup):
+    client, backend, _, _ = setup
+    cases = {
+        "HTTP_ORIGIN": ("http://evil.example", "cross-origin control request refused: Origin 'http://evil.example'"),
+        "HTTP_SEC_FETCH_SITE": ("cross-site", "cross-site control request refused: Sec-Fetch-Site is 'cross-site'"),
+        "HTTP_HOST": ("rebind.evil.example:9867", "Host 'rebind.evil.example:9867' is not this server"),
+    }
+    for header, (value, message) in cases.items():
+        status, _, body = client.request("POST", "/pids/100", headers={header: value})
+        assert status == 403
+        assert json.loads(body)["error"].startswith(message)
+    assert backend.maps == {}
+    ok = {"HTTP_HOST": "localhost:9867", "HTTP_ORIGIN": "http://localhost:9867", "HTTP_SEC_FETCH_SITE": "same-origin"}
+    assert client.request("POST", "/pids/100", headers=ok)[0] == 201
+    assert client.request("DELETE", "/pids/100", headers={"HTTP_HOST": "127.0.0.1:9867"})[0] == 200
+    # Scrapes are not control: a page may read them as before.
+    assert client.request("GET", "/tracer", headers={"HTTP_ORIGIN": "http://evil.example"})[0] == 200
+    client.app.allowed_hosts = ("tracer.example",)
+    assert client.request("POST", "/pids/100", headers={"HTTP_HOST": "tracer.example:9867"})[0] == 201
+
+
+def test_without_control_the_routes_do_not_exist(setup):
+    client, backend, _, _ = setup
+    client.app.control = False
+    for method in ("POST", "DELETE", "GET"):
+        status, _, body = client.request(method, "/pids/100")
+        assert (status, json.loads(body)) == (404, {"error": "no such route: /pids/100"})
+    assert backend.maps == {}
+    assert client.request("GET", "/pids")[0] == 200
 
 
 def test_client_allowed():
@@ -240,7 +314,8 @@ def test_a_large_body_gets_413_and_is_read_so_the_client_sees_it(setup):
     status, _, reply = client.request("POST", "/pids/100", headers=headers)
     assert status == 413
     assert "5242880 bytes refused" in json.loads(reply)["error"]
-    assert body.consumed == 5 * 1024 * 1024
+    # Only the first 256 KiB are read: past them the server closes the connection.
+    assert body.consumed == 256 * 1024
     assert backend.maps == {}
     # Still serving, nothing changed.
     assert client.request("POST", "/pids/100")[0] == 201
@@ -266,7 +341,7 @@ def test_unusable_body_framing_is_refused(setup, headers, status):
 
 
 def test_a_body_past_the_drain_limit_is_not_read_to_the_end(setup, monkeypatch):
-    import tracer_exporter.web as web
+    import tracer_exporter.web.routes as web
 
     monkeypatch.setattr(web, "DRAIN_BYTES", 1024 * 1024)
     client, _, _, _ = setup
@@ -274,3 +349,57 @@ def test_a_body_past_the_drain_limit_is_not_read_to_the_end(setup, monkeypatch):
     headers = {"CONTENT_LENGTH": str(3 * 1024 * 1024), "wsgi.input": body}
     assert client.request("GET", "/tracer", headers=headers)[0] == 413
     assert body.consumed == 1024 * 1024
+
+
+def test_telemetry_path_moves_the_metrics(setup):
+    _, _, registry, problems = setup
+    tracker = Tracker(FakeProcesses(proc(100, "alpha")))
+    client = Client(App(tracker, registry, lambda: problems, metrics_path="/x/prom"))
+    status, _, body = client.request("GET", "/x/prom")
+    assert status == 200
+    assert b"# TYPE tracer_kmalloc_calls_total counter" in body
+    assert client.request("GET", "/metrics")[0] == 404
+    # The landing page links to where the metrics are.
+    assert b'<li><a href="x/prom">/x/prom</a>: Prometheus metrics</li>' in client.request("GET", "/")[2]
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("metrics", "expected an absolute path such as /metrics"),
+        ("//host/metrics", "expected an absolute path such as /metrics"),
+        ("/m?x=1", "expected an absolute path such as /metrics"),
+        ("/tracer", "that path is already a route of its own"),
+        ("/pids/1", "that path is already a route of its own"),
+        ("/", "that path is already a route of its own"),
+    ],
+)
+def test_telemetry_path_refused(path, why):
+    from tracer_exporter.web.routes import check_telemetry_path
+
+    with pytest.raises(ValueError) as e:
+        check_telemetry_path(path)
+    assert str(e.value) == f"--web.telemetry-path {path!r}: {why}"
+
+
+def test_the_probe_mode_is_an_info_gauge():
+    from prometheus_client import generate_latest
+
+    from tracer_exporter.model.health import ProbeMode
+
+    def text(health: Health) -> str:
+        registry = CollectorRegistry()
+        registry.register(TracerCollector(lambda: [], lambda: health, "1", "k", processes=False))
+        return generate_latest(registry).decode()
+
+    fell_back = Health(mode=ProbeMode("kprobe", "fentry", "the kernel preempts BPF programs (preemption model full)"))
+    assert (
+        'tracer_probe_mode_info{mode="kprobe",reason="the kernel preempts BPF programs (preemption model full)",'
+        'requested="fentry"} 1.0'
+    ) in text(fell_back)
+    assert 'tracer_probe_mode_info{mode="fentry",reason="",requested="fentry"} 1.0' in text(
+        Health(mode=ProbeMode("fentry", "fentry"))
+    )
+    # Before the probes load there is no mode yet: the family, no sample.
+    empty = text(Health())
+    assert "# TYPE tracer_probe_mode_info gauge" in empty and "tracer_probe_mode_info{" not in empty

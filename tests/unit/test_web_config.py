@@ -15,10 +15,9 @@ from fakes import FakeBackend, FakeProcesses, proc
 from prometheus_client import CollectorRegistry
 
 from tracer_exporter.cli import main
-from tracer_exporter.server import PLAIN_HTTP_TO_TLS, HTTPServer
-from tracer_exporter.tracking import Tracker
-from tracer_exporter.web import App
-from tracer_exporter.web_config import (
+from tracer_exporter.model.tracking import Tracker
+from tracer_exporter.web.access import ControlPolicy
+from tracer_exporter.web.auth import (
     AUTH_USER,
     BasicAuth,
     WebConfig,
@@ -26,6 +25,8 @@ from tracer_exporter.web_config import (
     load_web_config,
     parse_web_config,
 )
+from tracer_exporter.web.routes import App, parse_networks
+from tracer_exporter.web.server import PLAIN_HTTP_TO_TLS, HTTPServer
 
 PASSWORD = "s3cret pass"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
@@ -172,17 +173,25 @@ def control_app():
     backend = FakeBackend()
     tracker = Tracker(FakeProcesses(proc(100, "alpha")))
     tracker.attach_backend(backend)
-    return App(tracker, CollectorRegistry(), lambda: []), backend
+    policy = ControlPolicy(networks=parse_networks(["127.0.0.0/8"]), users=frozenset({"alice"}))
+    # Every client here is on another host: no local socket owner.
+    return App(tracker, CollectorRegistry(), lambda: [], policy, owner=lambda environ: None), backend
 
 
-def test_authenticated_remote_clients_may_control(control_app):
+def test_authenticated_control_users_may_control_from_anywhere(control_app):
     app, backend = control_app
-    guarded = BasicAuth(app, {"alice": HASH.encode()})
+    guarded = BasicAuth(app, {"alice": HASH.encode(), "bob": HASH.encode()})
     # Without auth configured, a remote client is refused the control routes ...
     status, _, body, _ = call(app, "POST", "/pids/100", remote="10.0.2.2")
-    assert (status, json.loads(body)["error"]) == (403, "control requests from 10.0.2.2 are not allowed")
-    # ... with it, wrong credentials get 401 and the right ones may track.
+    assert (status, json.loads(body)["error"]) == (
+        403,
+        "control requests from 10.0.2.2 are not allowed: not in control.allowed_networks "
+        "and not an authenticated user of control.users",
+    )
+    # ... with it, wrong credentials get 401, a scrape-only user 403, and a control user may track.
     assert call(guarded, "POST", "/pids/100", remote="10.0.2.2", auth=basic("alice", "nope"))[0] == 401
+    assert call(guarded, "POST", "/pids/100", remote="10.0.2.2", auth=basic("bob", PASSWORD))[0] == 403
+    assert call(guarded, "GET", "/pids", remote="10.0.2.2", auth=basic("bob", PASSWORD))[0] == 200
     assert 100 not in backend.maps
     status, _, body, _ = call(guarded, "POST", "/pids/100", remote="10.0.2.2", auth=basic("alice", PASSWORD))
     assert (status, json.loads(body)["created"]) == (201, True)
@@ -305,3 +314,131 @@ def test_a_web_config_that_is_not_text_is_a_clear_error(tmp_path):
     path.write_bytes(b"basic_auth_users:\n  \xff: x\n")
     with pytest.raises(WebConfigError, match="not UTF-8 text"):
         load_web_config(str(path))
+
+
+# ---------------------------------------------------------------- headers and the bcrypt cache
+
+
+def test_headers_are_the_toolkits_allowlist(tmp_path):
+    doc = {
+        "http_server_config": {
+            "headers": {
+                "x-frame-options": "SAMEORIGIN",
+                "Strict-Transport-Security": "max-age=31536000",
+                "Content-Security-Policy": "default-src 'none'",
+                "X-Content-Type-Options": "nosniff",
+                "X-XSS-Protection": "0",
+            }
+        }
+    }
+    assert parse_web_config(doc, tmp_path).headers == {
+        "X-Frame-Options": "SAMEORIGIN",
+        "Strict-Transport-Security": "max-age=31536000",
+        "Content-Security-Policy": "default-src 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "X-XSS-Protection": "0",
+    }
+    bad = {"Connection": "close", "X-Frame-Options": "allow-from x", "X-Content-Type-Options": "sniff"}
+    with pytest.raises(WebConfigError) as e:
+        parse_web_config({"http_server_config": {"headers": bad}}, tmp_path)
+    allowed = (
+        "Strict-Transport-Security, X-Content-Type-Options, X-Frame-Options, X-XSS-Protection, Content-Security-Policy"
+    )
+    assert str(e.value).splitlines() == [
+        f"http_server_config.headers.Connection: this header cannot be configured (allowed: {allowed})",
+        "http_server_config.headers.X-Frame-Options: expected one of deny, sameorigin, got 'allow-from x'",
+        "http_server_config.headers.X-Content-Type-Options: expected one of nosniff, got 'sniff'",
+    ]
+
+
+def test_bad_and_good_credentials_are_each_checked_by_bcrypt_once():
+    app = BasicAuth(echo_user, {"alice": HASH.encode()})
+    for _ in range(5):
+        assert call(app, auth=basic("alice", "wrong"))[0] == 401
+        assert call(app, auth=basic("mallory", "wrong"))[0] == 401
+        assert call(app, auth=basic("alice", PASSWORD))[:3:2] == (200, b"alice")
+    assert app.bcrypt_checks == 3
+
+
+def test_the_cache_is_bounded(monkeypatch):
+    import tracer_exporter.web.auth as wc
+
+    monkeypatch.setattr(wc, "AUTH_CACHE_ENTRIES", 4)
+    app = BasicAuth(echo_user, {"alice": HASH.encode()})
+    for i in range(6):
+        app.check(basic("alice", f"wrong{i}"))
+    assert len(app._seen) == 4
+    app.check(basic("alice", "wrong0"))  # forgotten: checked again
+    assert app.bcrypt_checks == 7
+
+
+def test_bcrypt_runs_one_check_at_a_time_and_a_known_password_is_not_held_up(monkeypatch):
+    import threading
+    import time
+
+    real = bcrypt.checkpw
+    running, most = [0], [0]
+    guard = threading.Lock()
+
+    def slow_checkpw(password, hashed):
+        with guard:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        try:
+            return real(password, hashed)
+        finally:
+            with guard:
+                running[0] -= 1
+
+    monkeypatch.setattr(bcrypt, "checkpw", slow_checkpw)
+    app = BasicAuth(echo_user, {"alice": HASH.encode()})
+    assert app.check(basic("alice", PASSWORD)) == "alice"
+    stop = threading.Event()
+
+    def hammer(k):
+        i = 0
+        while not stop.is_set():
+            app.check(basic("alice", f"wrong-{k}-{i}"))
+            i += 1
+
+    threads = [threading.Thread(target=hammer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.2)
+        start = time.monotonic()
+        assert app.check(basic("alice", PASSWORD)) == "alice"
+        assert time.monotonic() - start < 0.05
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert most[0] == 1
+    assert app.bcrypt_checks > 8
+
+
+def test_past_ten_refusals_a_second_the_rest_are_answered_one_at_a_time_after_a_pause():
+    import threading
+    import time
+
+    app = BasicAuth(echo_user, {"alice": HASH.encode()})
+    app.failure_pause = 0.1
+    assert app.check(basic("alice", PASSWORD)) == "alice"
+    took = []
+    for _ in range(10):
+        start = time.monotonic()
+        assert call(app, auth=basic("alice", "wrong"))[0] == 401
+        took.append(time.monotonic() - start)
+    assert all(t < 0.1 for t in took), took
+    # Eight clients at once past the rate: one answer per pause, so 0.8 s for all.
+    start = time.monotonic()
+    threads = [threading.Thread(target=call, args=(app,), kwargs={"auth": basic("alice", "wrong")}) for _ in range(8)]
+    for t in threads:
+        t.start()
+    # The right password is not held up meanwhile.
+    assert call(app, auth=basic("alice", PASSWORD))[0] == 200
+    assert time.monotonic() - start < 0.1
+    for t in threads:
+        t.join(10)
+    assert time.monotonic() - start >= 0.8

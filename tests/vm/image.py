@@ -5,7 +5,8 @@ An image is a directory: root/ (a debootstrapped Debian with BCC, the kernel and
 headers), vmlinuz (plus vmlinux, the same kernel uncompressed, when it can boot through
 PVH), initrd.cpio.gz (busybox + the few modules needed to mount 9p) and info.json.
 It lives in ${XDG_CACHE_HOME:-~/.cache}/tracer-exporter/images/<distro>-<hash>/, where
-<hash> covers this file, so changing the recipe rebuilds by itself.
+<hash> covers the recipe's data (the distro's entry, the package lists, /init) and
+RECIPE, so changing the recipe rebuilds by itself and editing a comment does not.
 
 CLI: image.py build [--distro D] [--force] | path [--distro D] | ensure
 """
@@ -27,7 +28,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -40,7 +41,7 @@ class Distro:
     kernel_packages: tuple[str, ...] = ()  # installed with the kernel, from kernel_suite
 
 
-# Builds the lockdep kernel (tests/vm/lockdep-kernel) inside the bookworm root, so that
+# Builds the lockdep kernel (tests/vm/kernel.py) inside the bookworm root, so that
 # the kernel and the workload module built against it use the same compiler.
 KERNEL_BUILD_PACKAGES = ("linux-source-6.1", "bc", "bison", "flex", "libelf-dev")
 
@@ -81,8 +82,10 @@ BASE_PACKAGES = (
 )
 KERNEL_PACKAGES = ("linux-image-amd64", "linux-headers-amd64")
 # Installed with apt after the kernel (debootstrap cannot configure these in its base pass).
-# python3-bcrypt: basic-auth hashes of --web.config.file; pytest-timeout: no test hangs.
-APT_PACKAGES = ("python3-bcrypt", "python3-pytest-timeout")
+# python3-bcrypt: basic-auth hashes of --web.config.file; pytest-timeout: no test hangs;
+# venv, setuptools, wheel: the README's venv route, installed by tests/guest/test_installed.py
+# (as dpkg -i in the guest they cost minutes under TCG: byte-compiling, Python upgrades).
+APT_PACKAGES = ("python3-bcrypt", "python3-pytest-timeout", "python3-venv", "python3-setuptools", "python3-wheel")
 
 # Modules the initramfs loads to mount the 9p shares; their dependencies come from modules.dep.
 INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
@@ -140,14 +143,31 @@ def cache_root() -> Path:
     return Path(base) / "tracer-exporter" / "images"
 
 
-def recipe_hash() -> str:
-    # This file holds the whole recipe (packages, distro table, /init); guest-init is
-    # deliberately not part of it: it is read from the checkout at every boot.
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+# Bump when the build steps themselves change (debootstrap or apt arguments, the
+# chroot's configuration): the data below is hashed, the code is not.
+RECIPE = 1
+
+
+def recipe_hash(name: str) -> str:
+    # Only what goes into the image: guest-init is read from the checkout at every boot,
+    # and each distro's key leaves the other entries out, so adding a distro rebuilds none.
+    recipe = {
+        "recipe": RECIPE,
+        "distro": asdict(DISTROS[name]),
+        "base": BASE_PACKAGES,
+        "kernel": KERNEL_PACKAGES,
+        "apt": APT_PACKAGES,
+        "initramfs": INITRAMFS_MODULES,
+        "init": INIT_SCRIPT,
+        "busybox": BUSYBOX_APPLETS,
+        "path": CHROOT_PATH,
+    }
+    blob = json.dumps(recipe, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def image_path(distro: str) -> Path:
-    return cache_root() / f"{distro}-{recipe_hash()}"
+    return cache_root() / f"{distro}-{recipe_hash(distro)}"
 
 
 def load_info(path: Path) -> dict[str, object]:
@@ -193,10 +213,19 @@ def ensure(binaries: tuple[str, ...] = tuple(HOST_TOOLS)) -> None:
         return
     if os.geteuid() != 0:
         raise SystemExit(f"image: missing host packages {' '.join(missing)}; install them as root")
-    log(f"installing host packages: {' '.join(missing)}")
+    apt_log = cache_root() / "host-packages.log"
+    apt_log.parent.mkdir(parents=True, exist_ok=True)
+    log(f"installing host packages: {' '.join(missing)} (log: {apt_log})")
+    t0 = time.monotonic()
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update"], check=True, env=env, stdout=sys.stderr)
-    subprocess.run(["apt-get", "install", "-y", *missing], check=True, env=env, stdout=sys.stderr)
+    # No recommends: qemu-system-x86 would bring its GUI, audio and storage plugins.
+    for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *missing]):
+        with open(apt_log, "a") as out:
+            res = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        if res.returncode != 0:
+            sys.stderr.write("\n".join(apt_log.read_text(errors="replace").splitlines()[-30:]) + "\n")
+            raise SystemExit(f"image: {' '.join(argv[:2])} failed (exit {res.returncode}); log: {apt_log}")
+    log(f"host packages installed in {time.monotonic() - t0:.0f} s")
     still = [b for b in binaries if not _tool_ok(b)]
     if still:
         raise SystemExit(f"image: still missing after install: {' '.join(still)}")
@@ -653,7 +682,7 @@ def _build_into(name: str, distro: Distro, tmp: Path, build_log: Path) -> dict[s
     if vmlinux is not None:
         (tmp / "vmlinux").write_bytes(vmlinux)
     mods = build_initramfs(root_path(root, f"/lib/modules/{release}"), tmp / "initrd.cpio.gz")
-    info.update(recipe=recipe_hash(), initramfs_modules=mods, built=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    info.update(recipe=recipe_hash(name), initramfs_modules=mods, built=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return info
 
 

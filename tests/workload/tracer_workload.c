@@ -26,6 +26,9 @@
  *                           result: tally
  *   stop PID                stop it, free what it holds; result: ok, once
  *                           its pid is released
+ *   irq PID CPU COUNT SIZE hard|soft [TIMEOUT_MS]
+ *                           interrupt work on PID's time (see tw_cmd_irq);
+ *                           result: hits, fires and failed allocations
  *
  * Each open file has its own work area for run, allocated at open() so that
  * run allocates nothing while the caller may be watched. No mutex is taken on
@@ -38,6 +41,7 @@
 #include <linux/ctype.h>
 #include <linux/err.h>
 #include <linux/fs.h>
+#include <linux/hrtimer.h>
 #include <linux/jiffies.h>
 #include <linux/kthread.h>
 #include <linux/list.h>
@@ -51,13 +55,16 @@
 #include <linux/refcount.h>
 #include <linux/sched.h>
 #include <linux/sched/signal.h>
+#include <linux/sched/task_stack.h>
 #include <linux/sched/task.h>
 #include <linux/semaphore.h>
+#include <linux/smp.h>
 #include <linux/slab.h>
 #include <linux/spinlock.h>
 #include <linux/string.h>
 #include <linux/types.h>
 #include <linux/uaccess.h>
+#include <linux/version.h>
 #include <linux/vmalloc.h>
 
 #define TW_CMD_MAX		512
@@ -90,6 +97,7 @@ enum tw_op_kind {
 	TW_OP_KMALLOC_NODE,
 	TW_OP_KMALLOC_NODE_CONST,
 	TW_OP_KMEMDUP,
+	TW_OP_KVMALLOC,
 	TW_OP_KMALLOC_FAIL,
 	TW_OP_KFREE,
 	TW_OP_KFREE_ALL,
@@ -254,6 +262,7 @@ static const struct tw_op_desc tw_op_descs[] = {
 	{ "kmalloc_node",	 TW_OP_KMALLOC_NODE,	    true,  0 },
 	{ "kmalloc_node_const",	 TW_OP_KMALLOC_NODE_CONST,  false, TW_CONST_SIZE },
 	{ "kmemdup",		 TW_OP_KMEMDUP,		    true,  0 },
+	{ "kvmalloc",		 TW_OP_KVMALLOC,	    true,  0 },
 	{ "kmalloc_fail",	 TW_OP_KMALLOC_FAIL,	    false, TW_FAIL_SIZE },
 	{ "kfree",		 TW_OP_KFREE,		    false, 0 },
 	{ "kfree_null",		 TW_OP_KFREE_NULL,	    false, 0 },
@@ -495,6 +504,8 @@ static void *tw_alloc_one(enum tw_op_kind kind, size_t size)
 		return kmalloc_node(TW_CONST_SIZE, GFP_KERNEL, NUMA_NO_NODE);
 	case TW_OP_KMEMDUP:
 		return kmemdup(tw_dup_src, size, GFP_KERNEL);
+	case TW_OP_KVMALLOC:
+		return kvmalloc(size, GFP_KERNEL);
 	case TW_OP_KMALLOC_FAIL:
 		return kmalloc(size, GFP_KERNEL | __GFP_NOWARN);
 	default:
@@ -512,6 +523,12 @@ static void tw_do_alloc(struct tw_work *w, const struct tw_op *op)
 	w->tally.kmalloc++;
 	if (!p)
 		return;
+	if (is_vmalloc_addr(p)) {
+		/* kvmalloc fell back: its kmalloc attempt failed. */
+		pr_warn("kvmalloc(%zu) fell back to vmalloc: the tally is not exact\n", size);
+		vfree(p);
+		return;
+	}
 	if (!ZERO_OR_NULL_PTR(p))
 		w->tally.kmalloc_bytes += size;
 	if (WARN_ON_ONCE(h->tail == h->cap)) {
@@ -1031,6 +1048,138 @@ static int tw_cmd_stop(struct tw_file *tf, char *args)
 	return err ?: tw_job_stop(pid, &tf->reply);
 }
 
+/*
+ * irq: interrupt-context kmalloc/kfree on another task's time. An hrtimer
+ * pinned to CPU fires every millisecond, in hardirq ("hard") or in the
+ * timer softirq ("soft"). Each time it finds PID's task current and itself
+ * on that task's own stack, that is, the interrupt arrived while the task
+ * ran in user mode, it does kmalloc(SIZE, GFP_ATOMIC) and kfree() of the
+ * result: a hit. It stops after COUNT hits. None of this is the task's own
+ * work, so a tracer must charge the task nothing for it.
+ */
+#define TW_IRQ_PERIOD_NS	(1000 * 1000)
+#define TW_IRQ_TIMEOUT_MS	30000
+
+struct tw_irq {
+	struct hrtimer timer;
+	pid_t tgid;
+	u32 size;
+	u32 want;
+	/* Written by the callback only, on one CPU; read after it stopped. */
+	u32 hits;
+	u32 fires;
+	u32 failed;
+	bool soft;
+	struct completion done;
+};
+
+static enum hrtimer_restart tw_irq_fire(struct hrtimer *timer)
+{
+	struct tw_irq *irq = container_of(timer, struct tw_irq, timer);
+	unsigned long here = 0;
+	void *p;
+
+	irq->fires++;
+	if (current->tgid == irq->tgid && object_is_on_stack(&here) &&
+	    (irq->soft ? in_serving_softirq() : hardirq_count())) {
+		p = kmalloc(irq->size, GFP_ATOMIC | __GFP_NOWARN);
+		if (!p)
+			irq->failed++;
+		kfree(p);
+		irq->hits++;
+	}
+	if (irq->hits >= irq->want) {
+		complete(&irq->done);
+		return HRTIMER_NORESTART;
+	}
+	hrtimer_forward_now(timer, ns_to_ktime(TW_IRQ_PERIOD_NS));
+	return HRTIMER_RESTART;
+}
+
+static enum hrtimer_mode tw_irq_mode(const struct tw_irq *irq)
+{
+	return irq->soft ? HRTIMER_MODE_REL_PINNED_SOFT : HRTIMER_MODE_REL_PINNED;
+}
+
+/* Runs on the chosen CPU, so that the pinned timer fires there. */
+static void tw_irq_arm(void *data)
+{
+	struct tw_irq *irq = data;
+
+	hrtimer_start(&irq->timer, ns_to_ktime(TW_IRQ_PERIOD_NS),
+		      tw_irq_mode(irq));
+}
+
+static int tw_irq_parse(char *args, struct tw_irq *irq, unsigned int *cpu,
+			unsigned int *timeout_ms, struct tw_reply *r)
+{
+	char *pid = tw_next_token(&args), *c = tw_next_token(&args);
+	char *count = tw_next_token(&args), *size = tw_next_token(&args);
+	char *mode = tw_next_token(&args), *tmo = tw_next_token(&args);
+
+	if (!mode || tw_next_token(&args))
+		return tw_reply_error(r, -EINVAL,
+				      "irq: expected PID CPU COUNT SIZE hard|soft [TIMEOUT_MS]");
+	if (kstrtoint(pid, 10, &irq->tgid) || irq->tgid <= 0)
+		return tw_reply_error(r, -EINVAL, "irq: bad pid '%s'", pid);
+	if (kstrtouint(c, 10, cpu) || *cpu >= nr_cpu_ids || !cpu_online(*cpu))
+		return tw_reply_error(r, -EINVAL, "irq: no online cpu '%s'", c);
+	if (kstrtou32(count, 10, &irq->want) || !irq->want ||
+	    irq->want > TW_MAX_COUNT)
+		return tw_reply_error(r, -EINVAL, "irq: bad count '%s'", count);
+	if (kstrtou32(size, 10, &irq->size) || irq->size > PAGE_SIZE)
+		return tw_reply_error(r, -EINVAL, "irq: bad size '%s' (at most %lu)",
+				      size, PAGE_SIZE);
+	if (strcmp(mode, "hard") && strcmp(mode, "soft"))
+		return tw_reply_error(r, -EINVAL, "irq: mode '%s' is not hard or soft",
+				      mode);
+	irq->soft = !strcmp(mode, "soft");
+	if (tmo && kstrtouint(tmo, 10, timeout_ms))
+		return tw_reply_error(r, -EINVAL, "irq: bad timeout '%s'", tmo);
+	return 0;
+}
+
+static int tw_cmd_irq(struct tw_file *tf, char *args)
+{
+	unsigned int cpu, timeout_ms = TW_IRQ_TIMEOUT_MS;
+	struct tw_irq *irq;
+	long left;
+	int err;
+
+	irq = kzalloc(sizeof(*irq), GFP_KERNEL);
+	if (!irq)
+		return tw_reply_error(&tf->reply, -ENOMEM, "irq: out of memory");
+	err = tw_irq_parse(args, irq, &cpu, &timeout_ms, &tf->reply);
+	if (err)
+		goto out;
+	init_completion(&irq->done);
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 13, 0)
+	hrtimer_setup(&irq->timer, tw_irq_fire, CLOCK_MONOTONIC, tw_irq_mode(irq));
+#else
+	hrtimer_init(&irq->timer, CLOCK_MONOTONIC, tw_irq_mode(irq));
+	irq->timer.function = tw_irq_fire;
+#endif
+	err = smp_call_function_single(cpu, tw_irq_arm, irq, 1);
+	if (err) {
+		tw_reply_error(&tf->reply, err, "irq: cannot arm a timer on cpu %u", cpu);
+		goto out;
+	}
+	left = wait_for_completion_interruptible_timeout(&irq->done,
+							 msecs_to_jiffies(timeout_ms));
+	hrtimer_cancel(&irq->timer);
+	if (left <= 0) {
+		err = left ? (int)left : -ETIMEDOUT;
+		tw_reply_error(&tf->reply, err, "irq: %u of %u hits in %u fires",
+			       irq->hits, irq->want, irq->fires);
+		goto out;
+	}
+	tw_reply_set(&tf->reply, "hits=%u fires=%u failed=%u\n", irq->hits,
+		     irq->fires, irq->failed);
+out:
+	kfree(irq);
+	return err;
+}
+
 static const struct {
 	const char *name;
 	int (*fn)(struct tw_file *tf, char *args);
@@ -1041,6 +1190,7 @@ static const struct {
 	{ "wait", tw_cmd_wait },
 	{ "stop", tw_cmd_stop },
 	{ "free", tw_cmd_free },
+	{ "irq", tw_cmd_irq },
 };
 
 static int tw_dispatch(struct tw_file *tf, size_t len)

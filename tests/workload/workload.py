@@ -132,6 +132,16 @@ class Workload:
         """Stops the thread; what it still holds is freed by this process."""
         self.command(f"stop {pid}")
 
+    def irq(
+        self, pid: int, cpu: int, count: int, size: int, mode: str, timeout_ms: int = WAIT_DEFAULT_MS
+    ) -> dict[str, int]:
+        """Interrupt-context kmalloc(size) and kfree() pairs on ``pid``'s time:
+        ``count`` of them, each from a timer on ``cpu`` (``mode`` hard: hardirq,
+        soft: softirq) that found the process running in user mode. Blocks
+        until done; returns ``hits``, ``fires`` and ``failed`` allocations."""
+        reply = self.command(f"irq {pid} {cpu} {count} {size} {mode} {timeout_ms}")
+        return {k: int(v) for k, v in (item.split("=") for item in reply.split())}
+
 
 def _parse_op(token: str) -> tuple[str, str, int]:
     parts = token.split(":")
@@ -153,6 +163,7 @@ _SIZES: dict[str, int | None] = {
     "kzalloc": None,
     "kmalloc_node": None,
     "kmemdup": None,
+    "kvmalloc": None,
     "kmalloc_const": CONST_SIZE,
     "kmalloc_node_const": CONST_SIZE,
     "kmalloc_const_large": CONST_LARGE_SIZE,
@@ -169,6 +180,7 @@ _ALLOCATING = {
     "kzalloc",
     "kmalloc_node",
     "kmemdup",
+    "kvmalloc",
     "kmalloc_const",
     "kmalloc_node_const",
     "kmalloc_const_large",

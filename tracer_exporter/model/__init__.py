@@ -1,0 +1,1 @@
+"""What is tracked and what it counted: config, counters, the tracker, the state file. No kernel, no HTTP."""

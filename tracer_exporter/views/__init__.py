@@ -1,0 +1,1 @@
+"""The counters as users read them: metric families, the fast exposition, the tables."""
