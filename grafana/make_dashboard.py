@@ -26,6 +26,10 @@ CSEL = SEL + ', comm=~"$comm"'
 PSEL = CSEL + ', pid=~"$pid"'
 BY = "instance, pid, comm"
 LEGEND = "{{comm}} ({{pid}}) on {{instance}}"
+# Per workload group series (config select): labelled group, never pid or comm.
+GSEL = SEL + ', group=~"$group"'
+GBY = "instance, group"
+GLEGEND = "{{group}} on {{instance}}"
 BY_FUNCTION = "{{function}} on {{instance}}"
 # up as words, and red when a scrape failed.
 UP_MAPPINGS = [
@@ -49,6 +53,11 @@ CALLS = (
     ("tracer_mutex_unlock_calls", "mutex_unlock"),
 )
 BYTES = (("tracer_kmalloc_bytes", "kmalloc bytes"), ("tracer_kfree_bytes", "kfree bytes"))
+
+
+def group_metric(metric: str) -> str:
+    """The per-group counter of a per-process one: tracer_kmalloc_calls is tracer_group_kmalloc_calls."""
+    return "tracer_group_" + metric.removeprefix("tracer_")
 
 
 class Layout:
@@ -129,7 +138,7 @@ def stat(title: str, unit: str, expr: str, description: str = "", legend: str = 
     }
 
 
-def bargauge(title: str, unit: str, expr: str, description: str = "") -> dict[str, Any]:
+def bargauge(title: str, unit: str, expr: str, description: str = "", legend: str = LEGEND) -> dict[str, Any]:
     return {
         "type": "bargauge",
         "title": title,
@@ -142,7 +151,7 @@ def bargauge(title: str, unit: str, expr: str, description: str = "") -> dict[st
             "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
             "showUnfilled": True,
         },
-        "targets": [target(expr, LEGEND, instant=True)],
+        "targets": [target(expr, legend, instant=True)],
     }
 
 
@@ -157,6 +166,11 @@ def top(expr: str) -> str:
 
 # Said by every per-process panel: topk picks anew at each step, so a graph may show more than N.
 TOP_NOTE = " The $topn largest at each moment (variable Top N) among the chosen comm and pid."
+# Said by every per-group panel: a group's counters keep what its members that exited or left did.
+GROUP_NOTE = (
+    " Summed over every member the group ever had, those that exited or left included. The $topn largest at"
+    " each moment (variable Top N) among the chosen groups."
+)
 
 
 def variables() -> list[dict[str, Any]]:
@@ -199,6 +213,8 @@ def variables() -> list[dict[str, Any]]:
         # pid's query depends on comm, so comm comes first: pid lists only the processes of the chosen comms.
         query_var("comm", "Command", f"label_values(tracer_kmalloc_calls_total{{{SEL}}}, comm)", True),
         query_var("pid", "PID", f"label_values(tracer_kmalloc_calls_total{{{CSEL}}}, pid)", True),
+        # The config's select groups: they have no comm or pid, so only job and instance narrow them.
+        query_var("group", "Group", f"label_values(tracer_group_processes{{{SEL}}}, group)", True),
         {
             "name": "topn",
             "label": "Top N",
@@ -211,6 +227,66 @@ def variables() -> list[dict[str, Any]]:
             "hide": 0,
         },
     ]
+
+
+def groups(lay: Layout) -> None:
+    """The Workload groups row: every query narrows by $group, $job and $instance."""
+    lay.row("Workload groups")
+    for metric, name in CALLS:
+        lay.add(
+            timeseries(
+                f"Group {name} calls/s",
+                "ops",
+                [target(top(f"sum by ({GBY}) ({rate(group_metric(metric), GSEL)})"), GLEGEND)],
+                f"Calls of {name}() per second, per workload group." + GROUP_NOTE,
+            ),
+            8,
+            8,
+        )
+    kmalloc, kfree = (group_metric(metric) for metric, _ in BYTES)
+    lay.add(
+        timeseries(
+            "Group kmalloc vs kfree bytes/s",
+            "Bps",
+            [
+                target(top(f"sum by ({GBY}) ({rate(kmalloc, GSEL)})"), "kmalloc " + GLEGEND, "A"),
+                target("-" + top(f"sum by ({GBY}) ({rate(kfree, GSEL)})"), "kfree " + GLEGEND, "B"),
+            ],
+            "Bytes kmalloc handed out (up) and kfree gave back (down), per second, per workload group." + GROUP_NOTE,
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        bargauge(
+            "Top groups by kmalloc bytes/s",
+            "Bps",
+            top(f"sum by ({GBY}) ({rate(kmalloc, GSEL)})"),
+            "The $topn workload groups with the most kmalloc bytes per second now, among the chosen groups.",
+            GLEGEND,
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Group members and members dropped/s",
+            "none",
+            [
+                target(top(f"sum by ({GBY}) (tracer_group_processes{{{GSEL}}})"), "members of " + GLEGEND, "A"),
+                target(
+                    top(f"sum by ({GBY}) ({rate('tracer_group_dropped', GSEL)})"),
+                    "dropped/s of " + GLEGEND,
+                    "B",
+                ),
+            ],
+            "tracer_group_processes: the group's members now. tracer_group_dropped_total, per second: processes"
+            " that matched the group's selector but were not tracked because limits.max_tracked_processes was"
+            " reached; should stay 0. The $topn largest at each moment (variable Top N) among the chosen groups.",
+        ),
+        24,
+        8,
+    )
 
 
 def dashboard() -> dict[str, Any]:
@@ -280,6 +356,7 @@ def dashboard() -> dict[str, Any]:
             6,
             8,
         )
+    groups(lay)
     lay.row("Exporter health")
     lay.add(
         stat(
@@ -437,7 +514,8 @@ def dashboard() -> dict[str, Any]:
     return {
         "uid": UID,
         "title": "tracer_exporter",
-        "description": "Kernel work per tracked process (kmalloc, kfree, schedule, locks) and the exporter's health.",
+        "description": "Kernel work per tracked process and workload group (kmalloc, kfree, schedule, locks) and the"
+        " exporter's health.",
         "tags": ["tracer_exporter", "ebpf"],
         "schemaVersion": SCHEMA_VERSION,
         "version": 1,

@@ -9,6 +9,7 @@ from typing import NamedTuple
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from tracer_exporter import __version__
+from tracer_exporter.model.groups import GroupRow, Groups
 from tracer_exporter.model.health import Health
 from tracer_exporter.model.tracking import Tracker
 from tracer_exporter.views.collector import TracerCollector
@@ -37,6 +38,7 @@ def build(
     metrics_path: str = DEFAULT_TELEMETRY_PATH,
     allowed_hosts: Sequence[str] = (),
     max_requests: int = DEFAULT_MAX_REQUESTS,
+    groups: Groups | None = None,
 ) -> Web:
     """The server, not started: /metrics (the process families on the fast path), /tracer,
     /pids and, with control, the control routes that policy allows.
@@ -45,7 +47,16 @@ def build(
     certificates it cannot load.
     """
     registry = CollectorRegistry(auto_describe=True)
-    collector = TracerCollector(tracker.rows, health, __version__, platform.release(), processes=False)
+    group_rows = None
+    if groups is not None:
+        g = groups
+
+        def group_rows() -> list[GroupRow]:
+            return g.rows(tracker.rows())
+
+    collector = TracerCollector(
+        tracker.rows, health, __version__, platform.release(), processes=False, groups=group_rows
+    )
     registry.register(collector)
     registry.register(InfoCollector())
     # process_* (RSS, CPU, fds, threads) and python_* of the exporter itself.
@@ -56,7 +67,7 @@ def build(
         registry,
         not_ready,
         policy,
-        metrics_app=MetricsApp(registry, collector, tracker.rows),
+        metrics_app=MetricsApp(registry, collector, tracker.rows, groups.metric_rows if groups else None),
         metrics_path=metrics_path,
         control=control,
         allowed_hosts=allowed_hosts,

@@ -51,6 +51,7 @@ SHARE_OF_MODULE = {
     "test_kernel_accounting.py": 1,
     "test_preemption.py": 2,
     "test_installed.py": 1,
+    "test_groups.py": 2,
 }
 
 

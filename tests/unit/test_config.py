@@ -45,7 +45,7 @@ def test_empty_document_is_defaults():
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        ({"pid": [1]}, "c: pid: unknown key (known: control, follow_forks, limits, pids, probes)"),
+        ({"pid": [1]}, "c: pid: unknown key (known: control, follow_forks, limits, pids, probes, select)"),
         ({"pids": "1"}, "c: pids: expected a list of process ids, got str"),
         ({"pids": [1, "x"]}, "c: pids[1]: expected an integer, got 'x'"),
         ({"pids": [0]}, "c: pids[0]: must be from 1 to 4194304, got 0"),
@@ -77,7 +77,7 @@ def test_every_problem_is_reported_once_per_line():
     with pytest.raises(ConfigError) as e:
         parse_config({"x": 1, "pids": ["a"], "limits": {"max_tracked_processes": "many"}}, "c")
     assert str(e.value).splitlines() == [
-        "c: x: unknown key (known: control, follow_forks, limits, pids, probes)",
+        "c: x: unknown key (known: control, follow_forks, limits, pids, probes, select)",
         "c: pids[0]: expected an integer, got 'a'",
         "c: limits.max_tracked_processes: expected an integer, got 'many'",
     ]

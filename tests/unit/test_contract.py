@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 from tracer_exporter.kernel import contract
+from tracer_exporter.model import selectors
 from tracer_exporter.model.counters import Counts
 
 HEADER = Path(__file__).resolve().parents[2] / "tracer_exporter" / "kernel" / "bpf" / contract.HEADER_NAME
@@ -45,7 +46,28 @@ def test_struct_counters_is_the_layout_user_space_reads():
 
 def test_the_track_flags_agree():
     defines = dict(re.findall(r"#define (TRACK_\w+)\s+(\d+)", header()))
-    assert defines == {"TRACK_FOLLOW": str(contract.TRACK_FOLLOW), "TRACK_KEEP": str(contract.TRACK_KEEP)}
+    assert defines == {
+        n: str(getattr(contract, n)) for n in ("TRACK_FOLLOW", "TRACK_KEEP", "TRACK_BY_EXEC", "TRACK_BY_CGROUP")
+    }
+
+
+def test_the_group_constants_agree():
+    defines = dict(re.findall(r"#define (\w+)\s+(0x[0-9a-fA-F]+|\d+)(?:ULL)?\b", header()))
+    for name in ("GROUP_SHIFT", "CGROUP_SELECTED", "EXE_LEN", "CGROUP_PATH_LEN", "FNV_BASIS", "FNV_PRIME"):
+        assert int(defines[name], 0) == getattr(contract, name), name
+    # The config's length checks are the keys' sizes less the NUL.
+    assert selectors.COMM_MAX == contract.TASK_COMM_LEN - 1 and selectors.EXE_MAX == contract.EXE_LEN - 1
+    # Group ids fit the flags' upper half.
+    assert selectors.MAX_GROUPS_LIMIT < 1 << (32 - contract.GROUP_SHIFT)
+    # And a flag bit never reaches the group id.
+    assert contract.CGROUP_SELECTED < 1 << contract.GROUP_SHIFT
+
+
+def test_the_path_hash_is_fnv1a():
+    # The published FNV-1a 64 test vectors.
+    assert contract.path_hash("") == 0xCBF29CE484222325
+    assert contract.path_hash("a") == 0xAF63DC4C8601EC8C
+    assert contract.path_hash("foobar") == 0x85944171F73967E8
 
 
 def test_enum_stat_is_in_the_order_user_space_indexes():

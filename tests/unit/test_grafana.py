@@ -16,6 +16,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tracer_exporter.model.counters import FIELDS, Counts, Row
+from tracer_exporter.model.groups import GroupRow
 from tracer_exporter.model.health import Attachment, Health
 from tracer_exporter.views.collector import TracerCollector
 
@@ -23,6 +24,22 @@ REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "grafana"
 DASHBOARD = GRAFANA / "provisioning" / "dashboards" / "tracer-exporter.json"
 PER_PROCESS = {f.metric for f in FIELDS}  # the counters labelled pid and comm, without _total
+# The per workload group series (labelled group), as the exporter publishes them.
+GROUP_COUNTERS = {
+    f"tracer_group_{x}_total"
+    for x in (
+        "kmalloc_calls",
+        "kmalloc_bytes",
+        "kfree_calls",
+        "kfree_bytes",
+        "schedule_calls",
+        "up_calls",
+        "down_interruptible_calls",
+        "mutex_lock_calls",
+        "mutex_unlock_calls",
+    )
+}
+GROUP_METRICS = GROUP_COUNTERS | {"tracer_group_processes", "tracer_group_dropped_total"}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +55,17 @@ def exprs(doc):
     return [(p["title"], t["expr"]) for p in panels(doc) for t in p["targets"]]
 
 
+def row_panels(doc, title):
+    """The panels under the row called title, up to the next row."""
+    out, inside = [], False
+    for p in doc["panels"]:
+        if p["type"] == "row":
+            inside = p["title"] == title
+        elif inside:
+            out.append(p)
+    return out
+
+
 def exposed_metric_names():
     """Every sample name the real collector produces, with one row and full health."""
     registry = CollectorRegistry()
@@ -48,7 +76,8 @@ def exposed_metric_names():
         kernel_missed={"kmalloc": 0},
         skipped={"kmalloc": 0},
     )
-    registry.register(TracerCollector(lambda: rows, lambda: health, "0", "6.1"))
+    groups = [GroupRow("web", Counts(*range(1, 10)), 2, 1)]
+    registry.register(TracerCollector(lambda: rows, lambda: health, "0", "6.1", groups=lambda: groups))
     text = generate_latest(registry).decode()
     return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and line[0] != "#"}
 
@@ -112,6 +141,63 @@ def test_per_process_panels_show_the_top_n(doc):
         assert expr.count("topk(") == 1, (title, expr)
     topn = {v["name"]: v for v in doc["templating"]["list"]}["topn"]
     assert topn["type"] == "custom" and topn["current"]["value"] in topn["query"].split(",")
+
+
+def test_group_variable(doc):
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    group = variables["group"]
+    assert group["type"] == "query"
+    assert group["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    assert group["multi"] is True and group["includeAll"] is True
+    assert group["definition"] == group["query"]["query"]
+    m = re.fullmatch(r"label_values\(tracer_group_processes\{([^}]*)\}, group\)", group["definition"])
+    assert m, group["definition"]
+    assert 'job=~"$job"' in m.group(1) and 'instance=~"$instance"' in m.group(1)
+    names = [v["name"] for v in doc["templating"]["list"]]
+    assert names.index("instance") < names.index("group")
+
+
+def test_workload_groups_row(doc):
+    rows = [p["title"] for p in doc["panels"] if p["type"] == "row"]
+    assert "Workload groups" in rows
+    group_panels = row_panels(doc, "Workload groups")
+    titles = {p["title"] for p in group_panels}
+    for fn in ("kmalloc", "kfree", "schedule", "up", "down_interruptible", "mutex_lock", "mutex_unlock"):
+        assert f"Group {fn} calls/s" in titles
+    assert {
+        "Group kmalloc vs kfree bytes/s",
+        "Top groups by kmalloc bytes/s",
+        "Group members and members dropped/s",
+    } <= titles
+    (top,) = [p for p in group_panels if p["title"] == "Top groups by kmalloc bytes/s"]
+    assert top["type"] == "bargauge"
+    assert re.fullmatch(r"topk\(\$topn, .*tracer_group_kmalloc_bytes_total.*\)", top["targets"][0]["expr"])
+    assert "{{group}}" in top["targets"][0]["legendFormat"]
+    named = set()
+    for p in group_panels:
+        for t in p["targets"]:
+            expr = t["expr"]
+            names = re.findall(r"\btracer_[a-z_]+\b", expr)
+            assert names and set(names) <= GROUP_METRICS, (p["title"], expr)
+            named |= set(names)
+            # Every series selector of the row narrows by group, job and instance.
+            selectors = re.findall(r"\btracer_[a-z_]+\{([^}]*)\}", expr)
+            assert len(selectors) == len(names), (p["title"], expr)
+            for sel in selectors:
+                for want in ('group=~"$group"', 'job=~"$job"', 'instance=~"$instance"'):
+                    assert want in sel, (p["title"], expr)
+            # Group series have no pid or comm: those variables must not empty the row.
+            assert "$comm" not in expr and "$pid" not in expr, (p["title"], expr)
+            assert re.search(r"\bby \(instance, group\)", expr), (p["title"], expr)
+            if re.search(r"_total\b", expr):
+                assert "[$__rate_interval])" in expr, (p["title"], expr)
+    # Each counter's rate, the members gauge and the dropped counter are all shown.
+    assert named == GROUP_METRICS, GROUP_METRICS - named
+    # Nowhere else are group series queried.
+    outside = {p["title"] for p in panels(doc)} - titles
+    for title, expr in exprs(doc):
+        if title in outside:
+            assert "tracer_group_" not in expr and "$group" not in expr, (title, expr)
 
 
 def test_no_hard_coded_datasource_uid(doc):

@@ -23,4 +23,4 @@ def test_empty_table_is_the_header():
 
 def test_pids_json():
     doc = json.loads(pids_json([Row(7, "x", Counts(kfree_calls=3))]))
-    assert doc == [{"pid": 7, "comm": "x", "counters": dict(Counts(kfree_calls=3)._asdict())}]
+    assert doc == [{"pid": 7, "comm": "x", "group": None, "counters": dict(Counts(kfree_calls=3)._asdict())}]

@@ -403,3 +403,15 @@ def test_the_probe_mode_is_an_info_gauge():
     # Before the probes load there is no mode yet: the family, no sample.
     empty = text(Health())
     assert "# TYPE tracer_probe_mode_info gauge" in empty and "tracer_probe_mode_info{" not in empty
+
+
+def test_tracer_by_group_puts_the_group_first_and_a_bad_by_is_400(setup):
+    client, backend, _, _ = setup
+    client.request("POST", "/pids/100")
+    status, _, body = client.request("GET", "/tracer?by=group")
+    assert status == 200
+    lines = body.decode().splitlines()
+    assert lines[0].split() == ["GROUP", *TRACER_HEADER]
+    assert lines[1].split()[:2] == ["-", "100"]
+    status, _, body = client.request("GET", "/tracer?by=colour")
+    assert status == 400 and b"by must be pid or group" in body

@@ -14,6 +14,7 @@ from tracer_exporter import __version__, app, logs, privileges
 from tracer_exporter.cli import LOG_LEVELS, bpf_source, log_level
 from tracer_exporter.kernel.symbols import FUNCTION_NAMES, kernel_plan, read_kernel_data
 from tracer_exporter.model.config import Config, ConfigError, load_config
+from tracer_exporter.model.groups import Groups
 from tracer_exporter.model.health import Health, unattached
 from tracer_exporter.model.procfs import ProcFS, read_boot_id
 from tracer_exporter.model.state import Saved, StateError, StateFile
@@ -193,6 +194,7 @@ class Exporter:
         # Saves happen in the writer's thread: a scrape never waits for the disk.
         self.writer = StateWriter(self.save_state) if self.state else None
         self.tracker = Tracker(ProcFS(), self.writer.submit if self.writer else None)
+        self.groups = Groups(self.tracker)
         self.probes = None
         self.loading = "compiling and attaching the BPF program"
         # Ready only once the state file's and the config's pids are tracked too.
@@ -207,6 +209,7 @@ class Exporter:
             metrics_path=metrics_path,
             allowed_hosts=allowed_hosts,
             max_requests=max_requests,
+            groups=self.groups,
         )
 
     def health(self) -> Health | None:
@@ -229,6 +232,8 @@ class Exporter:
         attachments = probes.attach()
         self.probes = probes
         self.tracker.attach_backend(probes)
+        assert probes.groups is not None
+        self.groups.attach_backend(probes.groups)
         ok = sum(a.attached for a in attachments)
         log.info("attached %d of %d probes", ok, len(attachments))
 
@@ -305,6 +310,18 @@ class Exporter:
             # Tracking itself worked; only a restart would forget these pids.
             log.error("%s", e)
 
+    def select_workloads(self) -> None:
+        """The config's groups: into the kernel's maps, and the processes that match now.
+        Before dropping privileges: an exe selector reads /proc/PID/exe of any process."""
+        for warning in self.groups.configure(self.config.select):
+            log.warning("%s", warning)
+
+    def watch_execs(self) -> None:
+        """The cmdline selectors hear of every exec (a thread: after dropping privileges)."""
+        assert self.probes is not None and self.probes.execs is not None
+        if self.groups.cmdline_wanted:
+            self.probes.execs.watch(self.groups.on_exec)
+
     def sync_config_pids(self) -> None:
         for warning in self.tracker.sync_config(self.config.pids, self.config.follow_pids):
             log.warning("%s", warning)
@@ -315,12 +332,22 @@ class Exporter:
         except ConfigError as e:
             log.error("config reload failed, keeping the running config:\n%s", e)
             return
+        if len(new.select) > self.config.max_groups:
+            log.error(
+                "config reload failed, keeping the running config: select has %d groups, more than the"
+                " running limits.max_groups (%d), which changes only on restart",
+                len(new.select),
+                self.config.max_groups,
+            )
+            return
         for key in (
             "max_tracked_processes",
             "alloc_map_entries",
             "inflight_map_entries",
             "kretprobe_maxactive",
             "symbol_overrides",
+            "max_groups",
+            "cgroup_map_entries",
         ):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("config reload: %s changes only on restart", key)
@@ -328,6 +355,8 @@ class Exporter:
             if getattr(new, f"control_{key}") != getattr(self.config, f"control_{key}"):
                 log.warning("config reload: control.%s changes only on restart", key)
         self.config = new
+        self.select_workloads()
+        self.watch_execs()
         self.sync_config_pids()
         log.info("config reloaded from %s", self.config_path)
 
@@ -423,7 +452,9 @@ def serve(
             return 1
         # Before any other thread starts (a followed process starts one): they inherit the drop.
         exporter.open_follow_drops()
+        exporter.select_workloads()
         exporter.drop_privileges()
+        exporter.watch_execs()
         exporter.restore_state()
         exporter.sync_config_pids()
         exporter.started = True

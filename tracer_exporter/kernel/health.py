@@ -8,6 +8,7 @@ from tracer_exporter.kernel import progstats, tracefs
 from tracer_exporter.kernel.contract import (
     STAT_ALLOC_ENTRIES,
     STAT_ALLOC_INSERT_FAILURES,
+    STAT_CGROUP_INSERT_FAILURES,
     STAT_EXITED_INSERT_FAILURES,
     STAT_FOLLOW_DROPPED,
     STAT_INFLIGHT_INSERT_FAILURES,
@@ -25,6 +26,7 @@ STATS = (
     STAT_ALLOC_INSERT_FAILURES,
     STAT_FOLLOW_DROPPED,
     STAT_EXITED_INSERT_FAILURES,
+    STAT_CGROUP_INSERT_FAILURES,
 )
 
 
@@ -59,9 +61,10 @@ def read_health(
     attachments: list[Attachment],
     mode: ProbeMode,
     unpreempted: Unpreempted,
+    exec_events_lost: int = 0,
 ) -> Health:
     """stats: the program's stats map; funcs: its loaded programs (BPF.funcs)."""
-    returns_lost, inflight_failures, entries, insert_failures, dropped, exited_dropped = sum_per_cpu(
+    returns_lost, inflight_failures, entries, insert_failures, dropped, exited_dropped, cgroup_failures = sum_per_cpu(
         stats, STATS, unpreempted
     )
     return Health(
@@ -75,4 +78,6 @@ def read_health(
         alloc_insert_failures=insert_failures,
         follow_dropped=dropped,
         exited_dropped=exited_dropped,
+        cgroup_insert_failures=cgroup_failures,
+        exec_events_lost=exec_events_lost,
     )

@@ -10,7 +10,14 @@ import os
 import struct
 import threading
 
-from tracer_exporter.kernel.contract import COUNTER_FIELDS, COUNTERS, FILTER_SLOTS, TRACK_FOLLOW, TRACKED_SLOT
+from tracer_exporter.kernel.contract import (
+    COUNTER_FIELDS,
+    COUNTERS,
+    FILTER_SLOTS,
+    GROUP_SHIFT,
+    TRACK_FOLLOW,
+    TRACKED_SLOT,
+)
 from tracer_exporter.kernel.errors import MapFull, ProbeError
 from tracer_exporter.kernel.preempt import Unpreempted
 from tracer_exporter.model.counters import Counts, Entry
@@ -42,7 +49,7 @@ def entry_of(v: object) -> Entry:
     """One struct counters, read through its ctypes fields."""
     counts = Counts(*(getattr(v, f) for f in Counts._fields))
     comm = bytes(v.comm).split(b"\0", 1)[0].decode(errors="replace")  # type: ignore[attr-defined]
-    return Entry(counts, int(v.parent), comm)  # type: ignore[attr-defined]
+    return Entry(counts, int(v.parent), comm, int(v.flags) >> GROUP_SHIFT)  # type: ignore[attr-defined]
 
 
 class Filter:
@@ -141,9 +148,10 @@ class TrackedMap:
         self._entries: dict[bytes, Entry] = {}  # the last read's entries, by their bytes
         self._last: tuple[tuple[int, ...], bytes, dict[int, Entry]] = ((), b"", {})
 
-    def track(self, pid: int, follow: bool = False, parent: int = 0) -> bool:
+    def track(self, pid: int, follow: bool = False, parent: int = 0, flags: int = 0) -> bool:
+        """flags: a group member's (see model.selectors.member_flags)."""
         leaf = self._table.Leaf()
-        leaf.flags = self._base_flags | (TRACK_FOLLOW if follow else 0)
+        leaf.flags = self._base_flags | flags | (TRACK_FOLLOW if follow else 0)
         leaf.parent = parent
         key = self._table.Key(pid)
         with self._lock, self._unpreempted():
@@ -159,6 +167,13 @@ class TrackedMap:
         if err == errno.E2BIG:
             raise MapFull(f"the limit of {self._limit} tracked processes is reached (limits.max_tracked_processes)")
         raise OSError(err, f"tracking pid {pid}: {os.strerror(err)}")
+
+    def lookup(self, pid: int) -> Entry | None:
+        key = self._table.Key(pid)
+        leaf = self._table.Leaf()
+        with self._unpreempted():
+            res = self._lib.bpf_lookup_elem(self._table.map_fd, ct.byref(key), ct.byref(leaf))  # type: ignore[attr-defined]
+        return entry_of(leaf) if res == 0 else None
 
     def untrack(self, pid: int) -> bool:
         key = self._table.Key(pid)
@@ -198,7 +213,8 @@ class TrackedMap:
             entry = seen.get(rec)
             if entry is None:
                 v = layout.unpack(rec)
-                entry = Entry(Counts._make(v[:9]), v[9], v[11].split(b"\0", 1)[0].decode(errors="replace"))
+                comm = v[11].split(b"\0", 1)[0].decode(errors="replace")
+                entry = Entry(Counts._make(v[:9]), v[9], comm, v[10] >> GROUP_SHIFT)
             now[rec] = out[pid] = entry
         self._entries = now
         self._last = (pids, raw, out)

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from tracer_exporter.kernel import footprint, health, maps
 from tracer_exporter.kernel.contract import TRACK_KEEP
-from tracer_exporter.kernel.events import FollowDrops
+from tracer_exporter.kernel.events import ExecEvents, FollowDrops, Poller
+from tracer_exporter.kernel.groups import KernelGroups, member_flags
 from tracer_exporter.kernel.preempt import Unpreempted
 from tracer_exporter.kernel.program import Program, bpf_source_path
 from tracer_exporter.kernel.symbols import Plan, read_kernel_data
 from tracer_exporter.model.config import Config
 from tracer_exporter.model.counters import Entry
 from tracer_exporter.model.health import Attachment, Health, ProbeMode
+from tracer_exporter.model.selectors import Selector
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ class KernelProbes:
         self.program: Program | None = None
         self._tracked: maps.TrackedMap | None = None
         self._drops: FollowDrops | None = None
+        self._poller: Poller | None = None
+        self.groups: KernelGroups | None = None
+        self.execs: ExecEvents | None = None
         # Around map syscalls, on every kernel: a dynamic one can be switched to full preemption at any time.
         self._unpreempted = Unpreempted()
 
@@ -63,7 +68,10 @@ class KernelProbes:
         )
         self._exited = bpf.get_table("exited")  # type: ignore[union-attr]
         self._stats = bpf.get_table("stats")  # type: ignore[union-attr]
-        self._drops = FollowDrops(bpf, self._config.max_tracked_processes)
+        self._poller = Poller(bpf)
+        self._drops = FollowDrops(bpf, self._config.max_tracked_processes, self._poller)
+        self.execs = ExecEvents(bpf, self._poller)
+        self.groups = KernelGroups(bpf, self._unpreempted)
 
     def attach(self) -> list[Attachment]:
         assert self.program is not None
@@ -78,9 +86,23 @@ class KernelProbes:
             self._drops.watch()
         return self._tracked.track(pid, follow, parent)
 
-    def untrack(self, pid: int) -> bool:
+    def enrol(self, pid: int, group: int, selector: Selector) -> bool:
         assert self._tracked is not None
-        return self._tracked.untrack(pid)
+        if selector.follow_forks or selector.by_cgroup:
+            self.watch_follow_drops()
+        return self._tracked.track(pid, flags=member_flags(selector, group))
+
+    def watch_follow_drops(self) -> None:
+        assert self._drops is not None
+        self._drops.watch()
+
+    def untrack(self, pid: int) -> bool:
+        assert self._tracked is not None and self.groups is not None
+        entry = self._tracked.lookup(pid)
+        removed = self._tracked.untrack(pid)
+        if removed and entry is not None and entry.group:
+            self.groups.untracked(entry.group, entry.counts)
+        return removed
 
     def read_all(self) -> dict[int, Entry]:
         assert self._tracked is not None
@@ -91,22 +113,30 @@ class KernelProbes:
         return maps.pop_all(self._exited, self._lib, self._unpreempted)
 
     def open_follow_drops(self) -> None:
-        """The perf buffer of children not tracked for the limit, while perf_event_open is allowed."""
-        if self._drops is not None:
+        """The perf buffers (children not tracked for the limit, execs for the cmdline
+        selectors), while perf_event_open is allowed."""
+        if self._drops is not None and self.execs is not None:
             self._drops.open()
+            self.execs.open()
 
     def health(self) -> Health:
         program = self.program
         assert program is not None and program.bpf is not None
         mode = ProbeMode(program.mode, self._config.probe_mode, program.mode_reason)
         return health.read_health(
-            self._stats, program.bpf.funcs, self._plan, program.attachments, mode, self._unpreempted
+            self._stats,
+            program.bpf.funcs,
+            self._plan,
+            program.attachments,
+            mode,
+            self._unpreempted,
+            self.execs.lost if self.execs else 0,
         )
 
     def close(self) -> None:
         """Detach everything, including the tracefs events of return probes."""
-        if self._drops is not None:
-            self._drops.stop()
+        if self._poller is not None:
+            self._poller.stop()
         if self._tracked is not None:
             self._tracked.close()
             self._tracked = None

@@ -26,7 +26,13 @@ MODE_FENTRY = "fentry"
 FENTRY_MIN_KERNEL = (5, 17)
 AUTO_FENTRY_REASON = "the kernel has BTF and BPF trampolines, and does not preempt BPF programs"
 # The tracepoints of bpf/tracer.bpf.c, which BCC attaches at load.
-TP_EXIT = b"sched:sched_process_exit"
+TRACEPOINTS = (
+    b"sched:sched_process_exit",
+    b"sched:sched_process_exec",
+    b"cgroup:cgroup_attach_task",
+    b"cgroup:cgroup_mkdir",
+    b"cgroup:cgroup_rmdir",
+)
 TP_FORK = b"sched_process_fork"
 
 
@@ -76,6 +82,8 @@ def cflags(
         f"-DMAX_TRACKED={config.max_tracked_processes}",
         f"-DMAX_ALLOCS={config.alloc_map_entries}",
         f"-DMAX_INFLIGHT={config.inflight_map_entries}",
+        f"-DMAX_GROUPS={config.max_groups}",
+        f"-DMAX_CGROUPS={config.cgroup_map_entries}",
         f"-DFILTER_SLOTS={FILTER_SLOTS}",
         f"-I{bpf_include_dir()}",
     ]
@@ -196,7 +204,8 @@ class Program:
         assert self.bpf is not None
         if self._detached:
             # BCC attached the tracepoint handlers at load; detach() took them off.
-            self.bpf.attach_tracepoint(tp=TP_EXIT, fn_name=b"tracepoint__" + TP_EXIT.replace(b":", b"__"))
+            for tp in TRACEPOINTS:
+                self.bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + tp.replace(b":", b"__"))
             self.bpf.attach_raw_tracepoint(tp=TP_FORK, fn_name=b"raw_tracepoint__" + TP_FORK)
             self._detached = False
         out = self._attach_fentry() if self.mode == MODE_FENTRY else self._attach_kprobes()
@@ -240,7 +249,8 @@ class Program:
         to resume): the benchmark interleaves configurations this way."""
         assert self.bpf is not None
         if not self._detached:
-            self.bpf.detach_tracepoint(tp=TP_EXIT)
+            for tp in TRACEPOINTS:
+                self.bpf.detach_tracepoint(tp=tp)
             self.bpf.detach_raw_tracepoint(tp=TP_FORK)
             self._detached = True
         if self.mode == MODE_FENTRY:

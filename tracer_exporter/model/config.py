@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from tracer_exporter.model.procfs import PID_MAX_LIMIT
+from tracer_exporter.model.selectors import DEFAULT_MAX_GROUPS, MAX_GROUPS_LIMIT, Selector, parse_select
 
 # Bounds keep a typo from preallocating gigabytes of kernel memory.
 MAX_TRACKED_LIMIT = 1 << 20
@@ -39,6 +40,10 @@ class Config:
     control_users: tuple[str, ...] = ()
     symbol_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     probe_mode: str = "auto"
+    select: tuple[Selector, ...] = ()  # workload groups
+    max_groups: int = DEFAULT_MAX_GROUPS
+    # Selected cgroups and their descendants the kernel remembers.
+    cgroup_map_entries: int = 8192
 
 
 class ConfigError(Exception):
@@ -48,7 +53,14 @@ class ConfigError(Exception):
 _SCHEMA: dict[str, set[str]] = {
     "pids": set(),
     "follow_forks": set(),
-    "limits": {"max_tracked_processes", "alloc_map_entries", "inflight_map_entries"},
+    "select": set(),
+    "limits": {
+        "max_tracked_processes",
+        "alloc_map_entries",
+        "inflight_map_entries",
+        "max_groups",
+        "cgroup_map_entries",
+    },
     "probes": {"kretprobe_maxactive", "symbols", "mode"},
     "control": {"allowed_networks", "allowed_users", "allowed_groups", "users"},
 }
@@ -180,11 +192,14 @@ def parse_config(doc: Any, source: str = "config") -> Config:
         ("max_tracked_processes", limits, "limits", MAX_TRACKED_LIMIT),
         ("alloc_map_entries", limits, "limits", MAX_ALLOC_ENTRIES_LIMIT),
         ("inflight_map_entries", limits, "limits", MAX_INFLIGHT_ENTRIES_LIMIT),
+        ("max_groups", limits, "limits", MAX_GROUPS_LIMIT),
+        ("cgroup_map_entries", limits, "limits", MAX_TRACKED_LIMIT),
         ("kretprobe_maxactive", probes, "probes", MAXACTIVE_LIMIT),
     ):
         if key in section:
             got = _int(f"{where}.{key}", section[key], 1, high, problems)
             values[key] = got if got is not None else getattr(defaults, key)
+    values["select"] = parse_select(doc.get("select"), values.get("max_groups", defaults.max_groups), problems)
     if "allowed_networks" in control:
         values["control_allowed_networks"] = _networks(control["allowed_networks"], problems)
     for key, ids in (("allowed_users", True), ("allowed_groups", True), ("users", False)):

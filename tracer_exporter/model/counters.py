@@ -80,6 +80,7 @@ class Entry(NamedTuple):
     counts: Counts
     parent: int = 0  # the followed process it was forked from, else 0
     comm: str = ""  # kept by the kernel for followed children and exited processes
+    group: int = 0  # the id of its workload group (config select), else 0
 
 
 class Row(NamedTuple):
@@ -89,3 +90,4 @@ class Row(NamedTuple):
     comm: str
     counts: Counts
     parent: int = 0
+    group: str = ""  # the name of its workload group, else ""

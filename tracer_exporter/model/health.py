@@ -36,6 +36,8 @@ class Health:
     follow_dropped: int = 0
     # processes kept for `run` whose final counters did not fit the exited map
     exited_dropped: int = 0
+    cgroup_insert_failures: int = 0  # new cgroups of selected subtrees not remembered
+    exec_events_lost: int = 0  # execs the cmdline selectors did not hear of
 
 
 def unattached(attachments: list[Attachment], functions: tuple[str, ...]) -> list[str]:

@@ -67,3 +67,45 @@ class ProcFS:
             return None
         comm, state, start_time = parse_stat(stat)
         return ProcessInfo(pid, parse_tgid(status), comm, state, start_time)
+
+
+def parse_cgroup(text: str) -> str:
+    """The cgroup v2 path from /proc/PID/cgroup ("0::/path"), or "" on a v1-only host."""
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip()
+    return ""
+
+
+class Identity:
+    """What the selectors look at in /proc: each read may fail for a process that is gone."""
+
+    def __init__(self, root: str = "/proc") -> None:
+        self.root = root
+
+    def pids(self) -> list[int]:
+        return sorted(int(n) for n in os.listdir(self.root) if n.isdigit())
+
+    def _read(self, pid: int, name: str) -> str:
+        try:
+            with open(os.path.join(self.root, str(pid), name), "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def comm(self, pid: int) -> str:
+        return self._read(pid, "comm").rstrip("\n")
+
+    def cmdline(self, pid: int) -> str:
+        """The arguments joined by spaces, as ps shows them."""
+        return self._read(pid, "cmdline").rstrip("\0").replace("\0", " ")
+
+    def cgroup(self, pid: int) -> str:
+        return parse_cgroup(self._read(pid, "cgroup"))
+
+    def exe(self, pid: int) -> str:
+        """The executable's path; "" for a kernel thread, or where ptrace rules hide it."""
+        try:
+            return os.readlink(os.path.join(self.root, str(pid), "exe"))
+        except OSError:
+            return ""

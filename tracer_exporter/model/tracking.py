@@ -16,6 +16,7 @@ from typing import Protocol
 from tracer_exporter.kernel.errors import MapFull
 from tracer_exporter.model.counters import Entry, Row
 from tracer_exporter.model.procfs import PID_MAX_LIMIT, ProcessInfo
+from tracer_exporter.model.selectors import Selector
 from tracer_exporter.model.state import Saved
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 SOURCE_API = "api"
 SOURCE_CONFIG = "config"
 SOURCE_FOLLOW = "follow"  # a child the kernel tracked on fork
+SOURCE_SELECT = "select"  # a member of a workload group, found again by its selector after a restart
 
 
 class Backend(Protocol):
@@ -34,8 +36,12 @@ class Backend(Protocol):
         was tracked already. `parent` restores a followed child's parent. Raises
         MapFull."""
 
+    def enrol(self, pid: int, group: int, selector: Selector) -> bool:
+        """Start counting pid as a member of group (the id of selector's group);
+        False when it was tracked already. Raises MapFull."""
+
     def untrack(self, pid: int) -> bool:
-        """Stop counting pid; False when it was not tracked."""
+        """Stop counting pid (a member's counts go to its group); False when it was not tracked."""
 
     def read_all(self) -> dict[int, Entry]:
         """Every tracked pid with its counters."""
@@ -120,6 +126,7 @@ class Tracker:
         self._on_change = on_change
         # None until restore() ran: a scrape before it must not overwrite the state file.
         self._saved: list[Saved] | None = None
+        self._groups: dict[int, str] = {}  # workload group names by id
 
     def attach_backend(self, backend: Backend) -> None:
         """The kernel side is ready: requests are served from now on."""
@@ -149,13 +156,21 @@ class Tracker:
             self._changed()
             return created
 
-    def _add(self, pid: int, source: str, follow: bool, parent: int = 0, start_time: int | None = None) -> bool:
+    def _add(
+        self,
+        pid: int,
+        source: str,
+        follow: bool,
+        parent: int = 0,
+        start_time: int | None = None,
+        group: tuple[int, Selector] | None = None,
+    ) -> bool:
         backend = self._ready_backend()
         info = self._live_process(pid)
         if start_time is not None and info.start_time != start_time:
             raise NoSuchProcess(f"pid {pid} is now another process (it started at a different time)", pid)
         try:
-            created = backend.track(pid, follow, parent)
+            created = backend.enrol(pid, *group) if group else backend.track(pid, follow, parent)
         except MapFull as e:
             raise LimitReached(str(e), pid) from e
         if created:
@@ -169,6 +184,15 @@ class Tracker:
         meta = self._meta.setdefault(pid, _Meta(info.comm, info.start_time, follow=follow, parent=parent))
         meta.sources.add(source)
         return created
+
+    def enrol(self, pid: int, group: int, selector: Selector) -> bool:
+        """Track pid as a member of a workload group; True when newly tracked."""
+        with self._lock:
+            return self._add(pid, SOURCE_SELECT, selector.follow_forks, group=(group, selector))
+
+    def set_groups(self, names: dict[int, str]) -> None:
+        with self._lock:
+            self._groups = dict(names)
 
     def remove(self, pid: int) -> None:
         with self._lock:
@@ -253,12 +277,18 @@ class Tracker:
                 # time, which only the state file needs, is read by its writer (start_times):
                 # a burst of thousands of children costs a scrape no /proc reads.
                 e = entries[pid]
-                self._meta[pid] = _Meta(e.comm, 0, {SOURCE_FOLLOW}, follow=True, parent=e.parent)
+                # A group member comes back by its selector, not from the state file.
+                source = SOURCE_SELECT if e.group else SOURCE_FOLLOW
+                self._meta[pid] = _Meta(e.comm, 0, {source}, follow=True, parent=e.parent)
             # Only a change of the set can change what the state file keeps:
             # a scrape of an unchanged set does not rebuild it.
             if gone or new:
                 self._changed()
-            return [Row(pid, self._meta[pid].comm, e.counts, e.parent) for pid, e in sorted(entries.items())]
+            groups = self._groups
+            return [
+                Row(pid, self._meta[pid].comm, e.counts, e.parent, groups.get(e.group, ""))
+                for pid, e in sorted(entries.items())
+            ]
 
     def sync_config(self, pids: Iterable[int], follow: Iterable[int] = ()) -> list[str]:
         """Make the config's pids tracked and drop those it no longer lists.

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tracer_exporter.model.counters import FIELDS, Row
+from tracer_exporter.model.groups import GroupRow
 from tracer_exporter.model.health import Health
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,29 @@ def process_families(rows: list[Row]) -> Iterator[Metric]:
     yield tracked
 
 
+def group_families(groups: list[GroupRow]) -> Iterator[Metric]:
+    """Per workload group: its counters (exited members included), members now, members dropped."""
+    for f in FIELDS:
+        name = "tracer_group_" + f.metric.removeprefix("tracer_")
+        fam = CounterMetricFamily(
+            name, f.help.replace("the process", "the group's processes"), labels=("group",), unit=f.unit
+        )
+        for g in groups:
+            fam.add_metric((g.name,), getattr(g.counts, f.name))
+        yield fam
+    members = GaugeMetricFamily("tracer_group_processes", "Processes now in the group.", labels=("group",))
+    dropped = CounterMetricFamily(
+        "tracer_group_dropped",
+        "Processes that matched the group's selector but were not tracked: the limit of tracked processes.",
+        labels=("group",),
+    )
+    for g in groups:
+        members.add_metric((g.name,), g.processes)
+        dropped.add_metric((g.name,), g.dropped)
+    yield members
+    yield dropped
+
+
 def by_function(name: str, help_text: str, counts: dict[str, int]) -> Metric:
     """A counter family with one sample per function."""
     fam = CounterMetricFamily(name, help_text, labels=("function",))
@@ -44,12 +68,14 @@ class TracerCollector:
         version: str,
         kernel: str,
         processes: bool = True,
+        groups: Callable[[], list[GroupRow]] | None = None,
     ) -> None:
         self._rows = rows
+        self._groups = groups
         self._health = health
         self._version = version
         self._kernel = kernel
-        self._errors: dict[str, int] = {"processes": 0, "probes": 0}
+        self._errors: dict[str, int] = {"processes": 0, "probes": 0, "groups": 0}
         # False: the per-process families are written by exposition.MetricsApp,
         # which reports here the seconds it spent reading them.
         self._processes = processes
@@ -62,6 +88,7 @@ class TracerCollector:
         # Registering must never touch kernel maps: describe from empty families.
         if self._processes:
             yield from self._process_families()
+        yield from group_families([])
         yield from self._health_families(Health())
         yield from self._self_families(0.0)
 
@@ -74,6 +101,11 @@ class TracerCollector:
         except Exception:
             log.exception("reading the tracked processes failed")
             self._errors["processes"] += 1
+        try:
+            yield from group_families(self._groups() if self._groups else [])
+        except Exception:
+            log.exception("reading the workload groups failed")
+            self._errors["groups"] += 1
         try:
             health = self._health()
             if health is not None:
@@ -139,6 +171,17 @@ class TracerCollector:
         )
         dropped.add_metric((), h.follow_dropped)
         yield dropped
+        cgroups = CounterMetricFamily(
+            "tracer_cgroup_map_insert_failures",
+            "New cgroups of selected subtrees not remembered because the cgroup map was full.",
+        )
+        cgroups.add_metric((), h.cgroup_insert_failures)
+        yield cgroups
+        lost = CounterMetricFamily(
+            "tracer_exec_events_lost", "Execs the cmdline selectors did not hear of: the perf buffer was full."
+        )
+        lost.add_metric((), h.exec_events_lost)
+        yield lost
         exited = CounterMetricFamily(
             "tracer_exited_dropped",
             "Processes traced by `run` whose final counters were lost because the exited map was full.",

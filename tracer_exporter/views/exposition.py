@@ -90,7 +90,8 @@ class ProcessText:
         lbl = f'{{comm="{_escape(r.comm)}",parent_pid="{parent}",pid="{r.pid}"}} '
         return tuple(f"{name}{lbl}{r.counts[i]}\n" for name, i in zip(self._names, self._order))
 
-    def render(self, rows: list[Row]) -> str:
+    def render(self, rows: list[Row], tracked: int | None = None) -> str:
+        """rows: those with series; tracked: how many processes are tracked (default: len(rows))."""
         old, new = self._lines, {}
         for r in rows:
             lines = old.get(r)
@@ -102,17 +103,26 @@ class ProcessText:
         for i, header in enumerate(self._headers[: len(FIELDS)]):
             parts.append(header)
             parts.append("".join([lines[i] for lines in per_row]))
-        parts.append(self._headers[len(FIELDS)] + f"tracer_tracked_processes {len(rows)}\n")
+        count = len(rows) if tracked is None else tracked
+        parts.append(self._headers[len(FIELDS)] + f"tracer_tracked_processes {count}\n")
         return "".join(parts)
 
 
 class MetricsApp:
     """The /metrics WSGI app: the process families fast, the registry for the rest."""
 
-    def __init__(self, registry: CollectorRegistry, collector: TracerCollector, rows: Callable[[], list[Row]]) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        collector: TracerCollector,
+        rows: Callable[[], list[Row]],
+        with_series: Callable[[list[Row]], list[Row]] | None = None,
+    ) -> None:
         self._registry = registry
         self._collector = collector
         self._rows = rows
+        # Which rows get per-process series (a group's members only with per_process).
+        self._with_series = with_series
         self._text = {False: ProcessText(_headers(False)), True: ProcessText(_headers(True))}
         self._lock = threading.Lock()  # a ProcessText keeps its templates between scrapes
 
@@ -122,8 +132,9 @@ class MetricsApp:
         text = ""
         try:
             rows = self._rows()
+            shown = self._with_series(rows) if self._with_series else rows
             with self._lock:
-                text = self._text[openmetrics].render(rows)
+                text = self._text[openmetrics].render(shown, len(rows))
         except Exception:
             # As the collector does: logged and counted, and the rest is served.
             log.exception("reading the tracked processes failed")

@@ -50,6 +50,14 @@ def tracer_table(rows: Sequence[Row]) -> str:
     return TracerTable().render(rows)
 
 
+def group_table(rows: Sequence[Row]) -> str:
+    """The table with a GROUP column first, sorted by group ("-": in none), then pid."""
+    rows = sorted(rows, key=lambda r: (r.group == "", r.group, r.pid))
+    cells = [("GROUP", *HEADER)] + [(r.group or "-", str(r.pid), *(str(r.counts[i]) for i in _ORDER)) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    return "".join(" ".join(f"{v:<{w}}" for v, w in zip(c[:-1], widths)) + " " + c[-1] + "\n" for c in cells)
+
+
 def pids_json(rows: Sequence[Row]) -> bytes:
-    doc = [{"pid": r.pid, "comm": r.comm, "counters": r.counts._asdict()} for r in rows]
+    doc = [{"pid": r.pid, "comm": r.comm, "group": r.group or None, "counters": r.counts._asdict()} for r in rows]
     return json.dumps(doc, indent=1).encode() + b"\n"

@@ -222,7 +222,12 @@ class App:
             return Response(_STATUS[200], self._landing, "text/html; charset=utf-8")
         if path == "/tracer":
             self._allow(method, ("GET", "HEAD"))
+            by = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("by", [""])[-1]
+            if by not in ("", "pid", "group"):
+                raise json_error(_STATUS[400], f"by must be pid or group, got {by!r}")
             rows = self.tracker.rows()
+            if by == "group":
+                return Response(_STATUS[200], render.group_table(rows).encode(), "text/plain; charset=utf-8")
             with self._table_lock:
                 table = self._table.render(rows)
             return Response(_STATUS[200], table.encode(), "text/plain; charset=utf-8")

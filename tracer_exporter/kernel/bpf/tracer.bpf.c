@@ -10,6 +10,8 @@
  *   MAX_ALLOCS    live allocations of tracked processes we remember
  *   MAX_INFLIGHT  threads of tracked processes with a kmalloc record
  *   FILTER_SLOTS  slots of each counting filter (a power of two)
+ *   MAX_GROUPS    workload groups of the config's select (ids 1..MAX_GROUPS)
+ *   MAX_CGROUPS   cgroups (selected ones and their descendants) remembered
  *   TASK_BTF      bpf_get_current_task_btf() is there (5.11+ with BTF)
  *   TASK_OFFSETS  task field offsets from the kernel's BTF, no sched headers
  *   PER_CPU_OFFSETS, PREEMPT_COUNT_VAR[, PREEMPT_COUNT_IN_PCPU_HOT]
@@ -108,6 +110,38 @@ BPF_HASH(follow_dropped, u32, u64, 1024);
 BPF_PERF_OUTPUT(follow_drop_events);
 /* Per-CPU so hot paths never contend; user space sums the CPUs. */
 BPF_PERCPU_ARRAY(stats, s64, STAT_COUNT);
+
+/*
+ * Workload groups. A selector map's value is the flags word a new member
+ * starts with (its group id above GROUP_SHIFT). Members are enrolled at
+ * events (exec, fork, cgroup attach), never by a check on a probe hit.
+ */
+struct comm_key {
+	char comm[TASK_COMM_LEN];
+};
+
+struct exe_key {
+	char path[EXE_LEN];
+};
+
+BPF_HASH(comm_groups, struct comm_key, u32, MAX_GROUPS);
+BPF_HASH(exe_groups, struct exe_key, u32, MAX_GROUPS);
+/* Selected cgroups and their descendants: by id, and by the hash of their path. */
+BPF_HASH(cgroup_ids, u64, u32, MAX_CGROUPS);
+BPF_HASH(cgroup_paths, u64, u32, MAX_CGROUPS);
+/*
+ * What members that left (exited, moved out, exec'd away) counted, so a
+ * group's totals never go backwards. Index: group id.
+ */
+BPF_ARRAY(group_totals, struct counters, MAX_GROUPS + 1);
+/* Processes that matched but were not tracked for the limit, per group. */
+BPF_ARRAY(group_dropped, u64, MAX_GROUPS + 1);
+/* settings[0]: nonzero while a cmdline selector wants to hear of every exec. */
+BPF_ARRAY(settings, u32, 1);
+/* The tgid of each exec, for user space's cmdline selectors. */
+BPF_PERF_OUTPUT(exec_events);
+/* A string too big for the BPF stack: one per CPU. */
+BPF_PERCPU_ARRAY(scratch, struct exe_key, 1);
 
 /*
  * Counting filters in front of the hash maps that every process on the host
@@ -483,6 +517,91 @@ static __always_inline bool group_live(void)
 #endif
 }
 
+static __always_inline u32 group_of(u32 flags)
+{
+	return flags >> GROUP_SHIFT;
+}
+
+static __always_inline void group_drop(u32 flags)
+{
+	u32 group = group_of(flags);
+	u64 *n = group_dropped.lookup(&group);
+
+	if (group && n)
+		__sync_fetch_and_add(n, 1);
+}
+
+/* A member's counts go to its group's totals when it stops being counted. */
+static __always_inline void fold(const struct counters *c)
+{
+	u32 group = group_of(c->flags);
+	struct counters *t;
+
+	if (!group)
+		return;
+	t = group_totals.lookup(&group);
+	if (!t)
+		return;
+	__sync_fetch_and_add(&t->kmalloc_calls, c->kmalloc_calls);
+	__sync_fetch_and_add(&t->kmalloc_bytes, c->kmalloc_bytes);
+	__sync_fetch_and_add(&t->kfree_calls, c->kfree_calls);
+	__sync_fetch_and_add(&t->kfree_bytes, c->kfree_bytes);
+	__sync_fetch_and_add(&t->schedule_calls, c->schedule_calls);
+	__sync_fetch_and_add(&t->up_calls, c->up_calls);
+	__sync_fetch_and_add(&t->down_calls, c->down_calls);
+	__sync_fetch_and_add(&t->lock_calls, c->lock_calls);
+	__sync_fetch_and_add(&t->unlock_calls, c->unlock_calls);
+}
+
+/*
+ * Deleted before folded: a scrape in between sees the group short, never
+ * counted twice, and user space keeps a group's totals from going back.
+ */
+static __always_inline void untrack(u32 tgid, struct counters *c)
+{
+	struct counters last = *c;
+
+	if (!tracked.delete(&tgid)) {
+		tracked_slot_add(tgid, -1);
+		fold(&last);
+	}
+}
+
+/* A new member with these flags; the limit counts against its group. */
+static __always_inline void join(u32 tgid, u32 flags)
+{
+	struct counters c = {};
+
+	c.flags = flags;
+	bpf_get_current_comm(&c.comm, sizeof(c.comm));
+	tracked_slot_add(tgid, 1);
+	if (tracked.insert(&tgid, &c)) {
+		tracked_slot_add(tgid, -1);
+		group_drop(flags);
+	}
+}
+
+/*
+ * A member that joined by a selector and no longer matches it leaves, and
+ * joins the one it matches now (0: none). A process tracked any other way
+ * (by pid, by following a fork) stays as it is.
+ */
+static __always_inline void rematch(u32 tgid, u32 want, u32 by)
+{
+	struct counters *c = maybe_tracked(tgid) ? tracked.lookup(&tgid) : NULL;
+
+	if (!c) {
+		if (want)
+			join(tgid, want);
+		return;
+	}
+	if (!(c->flags & by) || group_of(c->flags) == group_of(want))
+		return;
+	untrack(tgid, c);
+	if (want)
+		join(tgid, want);
+}
+
 /*
  * Fires once per exiting thread. signal->live reaches zero only when the
  * last thread of the group has gone, so one thread's exit keeps the row.
@@ -516,8 +635,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		if (exited.update(&tgid, c))
 			stat_add(STAT_EXITED_INSERT_FAILURES, 1);
 	}
-	if (!tracked.delete(&tgid))
-		tracked_slot_add(tgid, -1);
+	untrack(tgid, c);
 	return 0;
 }
 
@@ -565,13 +683,154 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	if (tgid == parent)
 		return 0;
 	child.parent = parent;
-	child.flags = pc->flags;
+	/* A child stays in its parent's group through its own execs. */
+	child.flags = pc->flags & ~TRACK_BY_EXEC;
 	bpf_get_current_comm(&child.comm, sizeof(child.comm));
 	tracked_slot_add(tgid, 1);
 	if (tracked.insert(&tgid, &child)) {
 		tracked_slot_add(tgid, -1);
+		group_drop(child.flags);
 		follow_drop(ctx, parent);
 	}
+	return 0;
+}
+
+/*
+ * exec: the comm and exe selectors match the new image here, in the kernel,
+ * so its first calls count. A process spawned straight into a cgroup
+ * (clone3's CLONE_INTO_CGROUP, as systemd starts services) is found here
+ * too: there is no cgroup attach for it.
+ */
+static __always_inline u32 exec_match(const void *filename)
+{
+	struct comm_key comm = {};
+	struct exe_key *exe;
+	u64 cgroup = bpf_get_current_cgroup_id();
+	int zero = 0;
+	u32 *want;
+
+	bpf_get_current_comm(&comm.comm, sizeof(comm.comm));
+	want = comm_groups.lookup(&comm);
+	if (want)
+		return *want;
+	exe = scratch.lookup(&zero);
+	if (exe) {
+		__builtin_memset(exe, 0, sizeof(*exe));
+		bpf_probe_read_kernel_str(exe->path, sizeof(exe->path), filename);
+		want = exe_groups.lookup(exe);
+		if (want)
+			return *want;
+	}
+	want = cgroup_ids.lookup(&cgroup);
+	return want ? *want : 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	/* A __data_loc field: its offset from the record is the low 16 bits. */
+	u32 want = exec_match((void *)args + (args->data_loc_filename & 0xFFFF));
+	int zero = 0;
+	u32 *cmdline = settings.lookup(&zero);
+
+	rematch(tgid, want, TRACK_BY_EXEC);
+	/* The cmdline selectors are user space's: it reads /proc/<tgid>/cmdline. */
+	if (!want && cmdline && *cmdline)
+		exec_events.perf_submit(args, &tgid, sizeof(tgid));
+	return 0;
+}
+
+/*
+ * A process moved into or out of a selected cgroup (cgroup v2) joins or
+ * leaves its group. The event carries the thread group's leader: its pid
+ * is the process's.
+ */
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+	u64 id = args->dst_id;
+	u32 *want = cgroup_ids.lookup(&id);
+
+	rematch(args->pid, want ? *want : 0, TRACK_BY_CGROUP);
+	return 0;
+}
+
+/* The path's hash, and its parent's (the path up to its last '/'). */
+static __always_inline u64 path_hash(const char *path, u64 *parent)
+{
+	u64 h = FNV_BASIS;
+
+	*parent = 0;
+	for (int i = 0; i < CGROUP_PATH_LEN; i++) {
+		char ch = path[i];
+
+		if (!ch)
+			break;
+		if (ch == '/')
+			*parent = h;
+		h = (h ^ (u8)ch) * FNV_PRIME;
+	}
+	return h;
+}
+
+/*
+ * A new cgroup in a selected subtree, or a selected cgroup created again
+ * (systemd does that at every restart of a unit): remember its id before
+ * any process can enter it.
+ */
+TRACEPOINT_PROBE(cgroup, cgroup_mkdir)
+{
+	struct exe_key *buf;
+	u64 id = args->id;
+	u64 h, parent;
+	u32 *want;
+	u32 flags;
+	int zero = 0;
+
+	buf = scratch.lookup(&zero);
+	if (!buf)
+		return 0;
+	__builtin_memset(buf, 0, sizeof(*buf));
+	bpf_probe_read_kernel_str(buf->path, sizeof(buf->path),
+				  (void *)args + (args->data_loc_path & 0xFFFF));
+	h = path_hash(buf->path, &parent);
+	want = cgroup_paths.lookup(&h);
+	if (want) {
+		/* A selected cgroup itself, created again. */
+		flags = *want & ~CGROUP_SELECTED;
+		if (cgroup_ids.update(&id, &flags))
+			stat_add(STAT_CGROUP_INSERT_FAILURES, 1);
+		return 0;
+	}
+	want = cgroup_paths.lookup(&parent);
+	if (!want)
+		return 0;
+	flags = *want & ~CGROUP_SELECTED;
+	if (cgroup_ids.update(&id, &flags) || cgroup_paths.update(&h, &flags))
+		stat_add(STAT_CGROUP_INSERT_FAILURES, 1);
+	return 0;
+}
+
+TRACEPOINT_PROBE(cgroup, cgroup_rmdir)
+{
+	struct exe_key *buf;
+	u64 id = args->id;
+	u64 h, parent;
+	u32 *v;
+	int zero = 0;
+
+	if (cgroup_ids.delete(&id))
+		return 0;
+	buf = scratch.lookup(&zero);
+	if (!buf)
+		return 0;
+	__builtin_memset(buf, 0, sizeof(*buf));
+	bpf_probe_read_kernel_str(buf->path, sizeof(buf->path),
+				  (void *)args + (args->data_loc_path & 0xFFFF));
+	h = path_hash(buf->path, &parent);
+	/* A selector's own path stays, for when the cgroup comes back. */
+	v = cgroup_paths.lookup(&h);
+	if (v && !(*v & CGROUP_SELECTED))
+		cgroup_paths.delete(&h);
 	return 0;
 }
 

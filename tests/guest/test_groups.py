@@ -1,0 +1,267 @@
+"""Workload groups (the config's select): members found by comm, exe, cmdline and
+cgroup, counted from the right moment, with totals kept after they exit.
+
+up()/down_interruptible() are made only by the workload module here, so the
+groups' up and down totals are exact: each member makes a known number.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Exporter, Lines
+
+pytestmark = [pytest.mark.guest, pytest.mark.exact]
+
+BIN = Path("/tmp/tg-bin")
+CGROUP = Path("/sys/fs/cgroup/tg.test")
+# Waits for a line, then makes `updown:N` for each number it reads; exits on "exit".
+MEMBER = """
+import os, sys
+fd = os.open('/dev/tracer_workload', os.O_RDWR)
+print('ready', os.getpid(), flush=True)
+for line in sys.stdin:
+    line = line.strip()
+    if line == 'exit':
+        break
+    if line.startswith('fork'):
+        pid = os.fork()
+        if pid == 0:
+            os.write(fd, b'run updown:' + line.split()[1].encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+    else:
+        os.write(fd, b'run updown:' + line.encode())
+    print('done', flush=True)
+"""
+# Forks N children that each make updown:1 and exit, then reports.
+CHURN = """
+import os, sys
+fd = os.open('/dev/tracer_workload', os.O_RDWR)
+for _ in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:
+        os.write(fd, b'run updown:1')
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+CONFIG = f"""
+select:
+  - name: web
+    comm: tgworker
+  - name: sshd
+    exe: {BIN}/tg-exe
+  - name: etl
+    cmdline: 'python3 .*tg_etl_marker\\.py'
+  - name: api
+    cgroup: /tg.test
+  - name: churn
+    comm: tgchurn
+"""
+
+
+class Member:
+    """A process of MEMBER, exec'd as `argv0` (its comm is the name's first 15 bytes),
+    running the script file `script`."""
+
+    def __init__(self, argv0: str, script: str = "member.py") -> None:
+        path = BIN / script
+        BIN.mkdir(exist_ok=True)
+        path.write_text(MEMBER)
+        self.proc = subprocess.Popen([argv0, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.out = Lines(self.proc)
+        word, pid = self.out.next().split()
+        assert word == "ready" and int(pid) == self.proc.pid
+        self.pid = self.proc.pid
+
+    def updown(self, n: int, fork: bool = False) -> None:
+        self.out.say(f"fork {n}" if fork else str(n))
+        assert self.out.next() == "done"
+
+    def exit(self) -> None:
+        self.out.say("exit")
+        assert self.proc.wait(30) == 0
+
+
+def link(name: str) -> str:
+    BIN.mkdir(exist_ok=True)
+    path = BIN / name
+    if not path.exists():
+        path.symlink_to(shutil.which("python3") or sys.executable)
+    return str(path)
+
+
+def group(exporter: Exporter, name: str) -> dict[str, float]:
+    """The group's samples, by metric name without tracer_group_."""
+    out = {}
+    for (metric, labels), value in exporter.metrics().items():
+        if metric.startswith("tracer_group_") and labels == frozenset({("group", name)}):
+            out[metric.removeprefix("tracer_group_")] = value
+    return out
+
+
+def members(exporter: Exporter, name: str) -> set[int]:
+    return {e["pid"] for e in exporter.pids() if e["group"] == name}
+
+
+def wait_for(check, timeout: float = 30.0) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until check() is true; fails after timeout."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not true after {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def move(pid: int, cgroup: Path) -> None:
+    (cgroup / "cgroup.procs").write_text(f"{pid}\n")
+
+
+def own_cgroup() -> Path:
+    """The test's cgroup (the guest kills what is left in it at the end)."""
+    line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if x.startswith("0::"))
+    return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+
+
+@pytest.fixture(scope="module")
+def early(workload):
+    """A member that runs before the exporter starts."""
+    m = Member(link("tgworker"))
+    yield m
+    if m.proc.poll() is None:
+        m.proc.kill()
+        m.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory, early):
+    config = tmp_path_factory.mktemp("groups") / "config.yaml"
+    config.write_text(CONFIG)
+    if CGROUP.exists():
+        CGROUP.rmdir()
+    exp = Exporter("--config.file", str(config), "--state.file", "", log_name="groups")
+    try:
+        exp.wait_ready()
+        yield exp
+    finally:
+        code = exp.stop()
+        sys.stderr.write(f"--- exporter log ({exp.log_path}) ---\n{exp.log()[-4000:]}\n")
+        for d in (CGROUP / "child", CGROUP):
+            if d.exists():
+                d.rmdir()
+    assert code == 0
+
+
+def test_comm_members_from_before_the_start_and_after_they_exit(grouped, early):
+    assert early.pid in members(grouped, "web")
+    early.updown(5)
+    short = []
+    for i in range(3):
+        m = Member(link("tgworker"))
+        m.updown(10 + i)
+        short.append(m)
+    other = Member(sys.executable)  # comm python3: no group's
+    other.updown(7)
+    assert members(grouped, "web") == {early.pid, *(m.pid for m in short)}
+    for m in short:
+        m.exit()
+    g = group(grouped, "web")
+    # Every member's calls, the exited ones' included.
+    assert g["up_calls_total"] == g["down_interruptible_calls_total"] == 5 + 10 + 11 + 12
+    assert g["processes"] == 1 and g["dropped_total"] == 0
+    assert other.pid not in {e["pid"] for e in grouped.pids()}
+    other.exit()
+    # No per-process series for members without per_process.
+    assert not [k for k in grouped.metrics() if ("pid", str(early.pid)) in k[1]]
+    status, body = grouped.request("GET", "/tracer?by=group")
+    assert status == 200
+    lines = body.decode().splitlines()
+    assert lines[0].split()[:2] == ["GROUP", "PID"]
+    assert [line.split()[:2] for line in lines[1:] if line.split()[0] == "web"] == [["web", str(early.pid)]]
+
+
+def test_exe_members_are_counted_from_their_exec(grouped):
+    m = Member(link("tg-exe"))
+    assert m.pid in members(grouped, "sshd")
+    m.updown(9)
+    m.exit()
+    g = group(grouped, "sshd")
+    assert g["up_calls_total"] == g["down_interruptible_calls_total"] == 9
+    assert g["processes"] == 0
+
+
+def test_cmdline_members_after_a_stated_delay(grouped):
+    start = time.monotonic()
+    m = Member(sys.executable, "tg_etl_marker.py")
+    # Matched in user space at exec: the time from exec to being tracked.
+    delay = wait_for(lambda: m.pid in members(grouped, "etl"), timeout=10)
+    sys.stderr.write(f"cmdline member tracked {time.monotonic() - start:.3f} s after its start ({delay:.3f} s wait)\n")
+    m.updown(4)
+    m.exit()
+    g = group(grouped, "etl")
+    assert g["up_calls_total"] == 4 and g["processes"] == 0
+
+
+def test_cgroup_members_moved_forked_removed_and_created_again(grouped):
+    # The selector's cgroup did not exist when the exporter started.
+    CGROUP.mkdir()
+    a = Member(sys.executable)
+    a.updown(100)  # before it is in the cgroup: not the group's
+    move(a.pid, CGROUP)
+    assert a.pid in members(grouped, "api")
+    a.updown(3)
+    # A cgroup made below the selected one is in the subtree; a child forked there is a member.
+    (CGROUP / "child").mkdir()
+    b = Member(sys.executable)
+    move(b.pid, CGROUP / "child")
+    b.updown(20, fork=True)
+    # Moved out: its later calls are not the group's, what it did stays.
+    move(a.pid, own_cgroup())
+    assert a.pid not in members(grouped, "api")
+    a.updown(1000)
+    b.exit()
+    (CGROUP / "child").rmdir()
+    CGROUP.rmdir()
+    g = group(grouped, "api")
+    assert g["up_calls_total"] == g["down_interruptible_calls_total"] == 3 + 20
+    assert g["processes"] == 0
+    # As systemd does at a unit's restart: the cgroup is created again.
+    CGROUP.mkdir()
+    move(a.pid, CGROUP)
+    a.updown(7)
+    a.exit()
+    g = group(grouped, "api")
+    assert g["up_calls_total"] == 3 + 20 + 7 and g["processes"] == 0
+
+
+def test_short_lived_members_add_no_series(grouped):
+    before = {k for k in grouped.metrics() if any(name == "pid" for name, _ in k[1])}
+    subprocess.run([link("tgchurn"), "-c", CHURN, "200"], timeout=600, check=True)
+    after = {k for k in grouped.metrics() if any(name == "pid" for name, _ in k[1])}
+    g = group(grouped, "churn")
+    # 200 followed children, one up() each, and their parent: all folded in at exit.
+    assert g["up_calls_total"] == g["down_interruptible_calls_total"] == 200
+    assert g["processes"] == 0 and g["dropped_total"] == 0
+    assert after == before
+
+
+def test_a_bad_select_on_sighup_keeps_the_running_groups(grouped, tmp_path):
+    config = Path(grouped.proc.args[grouped.proc.args.index("--config.file") + 1])
+    good = config.read_text()
+    config.write_text(good + "  - name: web\n    comm: x\n  - name: nomatch\n")
+    try:
+        os.kill(grouped.proc.pid, 1)
+        wait_for(lambda: "config reload failed" in grouped.log(), timeout=30)
+        assert "is the name of another group" in grouped.log() and "no matcher" in grouped.log()
+        m = Member(link("tgworker"))
+        assert m.pid in members(grouped, "web")
+        m.exit()
+    finally:
+        config.write_text(good)
