@@ -48,6 +48,7 @@ DISTRO = os.environ.get("TRACER_IT_DISTRO", "bookworm")
 GUEST_PORT = 9867
 SCRAPE = "1s"
 RATE_INTERVAL = "15s"  # what Grafana's $__rate_interval is for 1 s scrapes, rounded up
+GROUP = "busy-ls"  # the workload group of the exporter's config
 BOOT_TIMEOUT = 900.0  # boot + BCC compile under TCG emulation, on a slow machine
 PROM_TIMEOUT = 60.0
 HTTP_TIMEOUT = 30.0
@@ -228,7 +229,11 @@ class Stack:
         )
         # Control from loopback only: the host (10.0.2.2 to the guest) controls by authenticating
         # as a user of control.users.
-        (workdir / "exporter.yaml").write_text(f"control:\n  allowed_networks: [127.0.0.0/8]\n  users: [{self.user}]\n")
+        # A group: the busy shell's `ls` runs join it at their exec, so its rates are not zero.
+        (workdir / "exporter.yaml").write_text(
+            f"control:\n  allowed_networks: [127.0.0.0/8]\n  users: [{self.user}]\n"
+            f"select:\n  - name: {GROUP}\n    comm: ls\n"
+        )
         self.host_port = free_port()
         self.target = f"127.0.0.1:{self.host_port}"
         self.ctx = ssl.create_default_context(cafile=str(self.pki.ca))
@@ -503,6 +508,7 @@ def test_every_dashboard_query_returns_data(stack):
         "$comm": grafana_regex(stack.tracked["comm"]),
         "$pid": pids,
         "$topn": "5",
+        "$group": grafana_regex(GROUP),
     }
     # Wait for enough samples that every rate() window holds two.
     wait_until("two samples in a rate window", lambda: prom.query(f'rate(tracer_tracked_processes{{job="tracer"}}[{RATE_INTERVAL}]) >= 0'), PROM_TIMEOUT)  # fmt: skip

@@ -124,3 +124,14 @@ def test_accept_encoding_values():
         gzip_accepted(h)
         for h in ("gzip", "deflate, GZIP;q=0.5", "x-gzip", "gzip;q=0", "gzip;q=0.0", "identity", "", "gzip;q=x")
     ] == [True, True, True, False, False, False, False, False]
+
+
+def test_members_without_per_process_have_no_series_but_count_as_tracked():
+    registry = CollectorRegistry()
+    collector = TracerCollector(lambda: ROWS, lambda: Health(), "1", "k", processes=False)
+    registry.register(collector)
+    rows = [*ROWS, Row(9, "nginx", Counts(up_calls=5), group="web")]
+    app = MetricsApp(registry, collector, lambda: rows, lambda rs: [r for r in rs if r.group != "web"])
+    _, body = scrape(app)
+    assert 'pid="9"' not in body and 'pid="7"' in body
+    assert "tracer_tracked_processes 3" in body

@@ -148,6 +148,8 @@ def check(config: Config) -> int:
     where = preempt.describe() if preempt else "NOT FOUND: interrupt work in user mode may be charged"
     print(f"{'interrupts':<20} {where}")
     print(f"{'probes.mode':<20} {probe_mode_line(config.probe_mode)}")
+    for sel in config.select:
+        print(f"{'group ' + sel.name:<20} {sel.kind} {sel.value}")
     return 1 if plan.missing else 0
 
 

@@ -754,14 +754,23 @@ TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
 	return 0;
 }
 
-/* The path's hash, and its parent's (the path up to its last '/'). */
-static __always_inline u64 path_hash(const char *path, u64 *parent)
+/*
+ * The hash of an event's cgroup path (a __data_loc string), and its parent's
+ * (the path up to its last '/'); 0 when it cannot be read.
+ */
+static __always_inline u64 path_hash(const void *args, u32 data_loc, u64 *parent)
 {
+	int zero = 0;
+	struct exe_key *buf = scratch.lookup(&zero);
 	u64 h = FNV_BASIS;
 
 	*parent = 0;
+	if (!buf)
+		return 0;
+	__builtin_memset(buf, 0, sizeof(*buf));
+	bpf_probe_read_kernel_str(buf->path, sizeof(buf->path), args + (data_loc & 0xFFFF));
 	for (int i = 0; i < CGROUP_PATH_LEN; i++) {
-		char ch = path[i];
+		char ch = buf->path[i];
 
 		if (!ch)
 			break;
@@ -779,21 +788,12 @@ static __always_inline u64 path_hash(const char *path, u64 *parent)
  */
 TRACEPOINT_PROBE(cgroup, cgroup_mkdir)
 {
-	struct exe_key *buf;
 	u64 id = args->id;
-	u64 h, parent;
-	u32 *want;
+	u64 parent;
+	u64 h = path_hash(args, args->data_loc_path, &parent);
+	u32 *want = cgroup_paths.lookup(&h);
 	u32 flags;
-	int zero = 0;
 
-	buf = scratch.lookup(&zero);
-	if (!buf)
-		return 0;
-	__builtin_memset(buf, 0, sizeof(*buf));
-	bpf_probe_read_kernel_str(buf->path, sizeof(buf->path),
-				  (void *)args + (args->data_loc_path & 0xFFFF));
-	h = path_hash(buf->path, &parent);
-	want = cgroup_paths.lookup(&h);
 	if (want) {
 		/* A selected cgroup itself, created again. */
 		flags = *want & ~CGROUP_SELECTED;
@@ -812,21 +812,13 @@ TRACEPOINT_PROBE(cgroup, cgroup_mkdir)
 
 TRACEPOINT_PROBE(cgroup, cgroup_rmdir)
 {
-	struct exe_key *buf;
 	u64 id = args->id;
-	u64 h, parent;
+	u64 parent, h;
 	u32 *v;
-	int zero = 0;
 
 	if (cgroup_ids.delete(&id))
 		return 0;
-	buf = scratch.lookup(&zero);
-	if (!buf)
-		return 0;
-	__builtin_memset(buf, 0, sizeof(*buf));
-	bpf_probe_read_kernel_str(buf->path, sizeof(buf->path),
-				  (void *)args + (args->data_loc_path & 0xFFFF));
-	h = path_hash(buf->path, &parent);
+	h = path_hash(args, args->data_loc_path, &parent);
 	/* A selector's own path stays, for when the cgroup comes back. */
 	v = cgroup_paths.lookup(&h);
 	if (v && !(*v & CGROUP_SELECTED))
