@@ -67,6 +67,28 @@ select:
     comm: tgchurn
   - name: real
     comm: tgreal
+  - name: flood
+    comm: tgflood
+"""
+# The grouped exporter's limit: the flood test fills it.
+LIMIT = 8
+# Forks N children that wait for the parent's stdin to close, then reports.
+FLOOD = """
+import os, sys
+r, w = os.pipe()
+kids = []
+for _ in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    kids.append(pid)
+print('forked', flush=True)
+sys.stdin.readline()
+os.close(w)
+for pid in kids:
+    os.waitpid(pid, 0)
 """
 # The oracle's columns, as tracer_group_* names them.
 GROUP_METRICS = {
@@ -85,15 +107,19 @@ class Member:
     """A process of MEMBER, exec'd as `argv0` (its comm is the name's first 15 bytes),
     running the script file `script`."""
 
-    def __init__(self, argv0: str, script: str = "member.py") -> None:
+    def __init__(self, argv0: str, script: str = "member.py", wait: bool = True) -> None:
         path = BIN / script
         BIN.mkdir(exist_ok=True)
         path.write_text(MEMBER)
         self.proc = subprocess.Popen([argv0, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.out = Lines(self.proc)
-        word, pid = self.out.next().split()
-        assert word == "ready" and int(pid) == self.proc.pid
         self.pid = self.proc.pid
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        word, pid = self.out.next().split()
+        assert word == "ready" and int(pid) == self.pid
 
     def updown(self, n: int, fork: bool = False) -> None:
         self.out.say(f"fork {n}" if fork else str(n))
@@ -162,7 +188,8 @@ def grouped(request, tmp_path_factory, early):
     if request.param == "kprobe" and not fentry_expected():
         pytest.skip("auto is the kprobe mode on this kernel: tested as auto")
     config = tmp_path_factory.mktemp("groups") / "config.yaml"
-    config.write_text(CONFIG + f"probes:\n  mode: {request.param}\n")
+    # select last: a test appends to it.
+    config.write_text(f"probes:\n  mode: {request.param}\nlimits:\n  max_tracked_processes: {LIMIT}\n" + CONFIG)
     if CGROUP.exists():
         CGROUP.rmdir()
     exp = Exporter("--config.file", str(config), "--state.file", "", log_name="groups")
@@ -217,11 +244,12 @@ def test_exe_members_are_counted_from_their_exec(grouped):
 
 
 def test_cmdline_members_after_a_stated_delay(grouped):
-    start = time.monotonic()
-    m = Member(sys.executable, "tg_etl_marker.py")
-    # Matched in user space at exec: the time from exec to being tracked.
+    m = Member(sys.executable, "tg_etl_marker.py", wait=False)
+    # Matched in user space at exec: at most this long from its start to being tracked
+    # (one /pids request under emulation takes tens of milliseconds of it).
     delay = wait_for(lambda: m.pid in members(grouped, "etl"), timeout=10)
-    sys.stderr.write(f"cmdline member tracked {time.monotonic() - start:.3f} s after its start ({delay:.3f} s wait)\n")
+    print(f"cmdline member tracked within {delay:.3f} s of its start")
+    m.ready()
     m.updown(4)
     m.exit()
     g = group(grouped, "etl")
@@ -329,3 +357,24 @@ def test_a_real_programs_group_matches_the_kernels_own_counts(grouped, tmp_path)
         for column in ("kmalloc", "kmalloc_bytes"):
             ours.pop(column), kernel.pop(column)
     assert ours == kernel
+
+
+def test_members_past_the_limit_are_counted_as_dropped(grouped, early):
+    # Tracked now: the early member alone. The flood's parent and its first children fill the limit.
+    assert {e["pid"] for e in grouped.pids()} == {early.pid}
+    flood = subprocess.Popen(
+        [link("tgflood"), "-c", FLOOD, "12"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    out = Lines(flood)
+    try:
+        assert out.next() == "forked"
+        g = group(grouped, "flood")
+        assert g["processes"] == LIMIT - 1 and g["dropped_total"] == 12 - (LIMIT - 2)
+        out.say()
+        assert flood.wait(30) == 0
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait(10)
+    g = group(grouped, "flood")
+    assert g["processes"] == 0 and g["dropped_total"] == 12 - (LIMIT - 2)

@@ -35,7 +35,10 @@ def cpu_ns(pid: int) -> int:
     """Time on CPU of every thread of pid, in ns (schedstat, not tick-sampled)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        total += int((task / "schedstat").read_text().split()[0])
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile (a request's): its time is not in an idle window
     return total
 
 
