@@ -181,3 +181,23 @@ def test_bad_flags_are_refused():
         top.parse_args(["--interval", "0"])
     with pytest.raises(SystemExit):
         top.parse_args(["--sort", "bogus"])
+
+
+GROUP_METRICS = METRICS + """tracer_group_kmalloc_calls_total{group="web"} 40.0
+tracer_group_up_calls_total{group="web"} 7.0
+tracer_group_kmalloc_calls_total{group="api"} 5.0
+tracer_group_processes{group="web"} 2.0
+"""
+
+
+def test_by_group_rows_come_from_the_group_counters():
+    groups = top.parse_groups(GROUP_METRICS)
+    assert groups["web"]["kmalloc_calls"] == 40 and groups["web"]["up_calls"] == 7 and groups["web"]["lock_calls"] == 0
+    assert set(groups) == {"web", "api"}
+    info, lost = top.parse_metrics(GROUP_METRICS)
+    prev = Snapshot(0.0, {1: ("api", counters()), 2: ("web", counters())}, info, lost)
+    cur = Snapshot(2.0, {1: ("api", groups["api"]), 2: ("web", groups["web"])}, info, lost)
+    lines = top.render(cur, prev, View(by="group"), 400, 100, "u")
+    assert "2 groups" in lines[0]
+    assert lines[2].split()[:2] == ["GROUP", "kmallocv"]
+    assert [line.split()[:3] for line in lines[4:]] == [["web", "20", "40"], ["api", "2.5", "5"]]

@@ -27,6 +27,8 @@ from tracer_exporter.model.counters import FIELDS
 
 # (/tracer column, /pids counter name), in /tracer's order.
 COLUMNS = tuple((f.column, f.name) for f in FIELDS)
+# A workload group's counter (tracer_group_*_total) -> its /pids counter name.
+GROUP_METRICS = {"tracer_group_" + f.metric.removeprefix("tracer_") + "_total": f.name for f in FIELDS}
 SORT_KEYS = ("pid", "comm", *(name for name, _ in COLUMNS))
 DEFAULT_URL = "http://127.0.0.1:9867"
 FETCH_TIMEOUT = 10.0
@@ -47,6 +49,17 @@ class Snapshot:
 
 def parse_pids(body: bytes) -> dict[int, tuple[str, dict[str, int]]]:
     return {int(e["pid"]): (str(e["comm"]), {k: int(v) for k, v in e["counters"].items()}) for e in json.loads(body)}
+
+
+def parse_groups(text: str) -> dict[str, dict[str, int]]:
+    """Each workload group's counters, from the tracer_group_*_total samples of an exposition."""
+    out: dict[str, dict[str, int]] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and m[1] in GROUP_METRICS:
+            name = dict(_LABEL.findall(m[2] or "")).get("group", "")
+            out.setdefault(name, dict.fromkeys(GROUP_METRICS.values(), 0))[GROUP_METRICS[m[1]]] = int(float(m[3]))
+    return out
 
 
 def parse_metrics(text: str) -> tuple[dict[str, str], dict[str, float]]:
@@ -103,6 +116,7 @@ class View:
     descending: bool = True
     paused: bool = False
     comm_filter: str = ""
+    by: str = "pid"  # or "group": a row per workload group
     help: bool = False
     message: str = ""  # a fetch error, shown until the next good fetch
 
@@ -117,9 +131,10 @@ def render(cur: Snapshot | None, prev: Snapshot | None, view: View, width: int, 
         lines.append(f"tracer-exporter top: {url}")
     else:
         i = cur.info
+        count = f"{len(cur.rows)} groups" if view.by == "group" else f"{len(cur.rows)} tracked"
         lines.append(
             f"tracer-exporter {i.get('version', '?')}  kernel {i.get('kernel', '?')}  mode {i.get('mode', '?')}"
-            f"  {len(cur.rows)} tracked  {url}" + ("  [paused]" if view.paused else "")
+            f"  {count}  {url}" + ("  [paused]" if view.paused else "")
         )
         lost = cur.lost
         where = "  NOT EXACT: tracked calls were lost" if lost.get("missed") else ""
@@ -135,6 +150,8 @@ def render(cur: Snapshot | None, prev: Snapshot | None, view: View, width: int, 
         lines.append(f"filter: comm contains {view.comm_filter!r}")
     mark = "v" if view.descending else "^"
     head = f"{'PID' + (mark if view.sort == 'pid' else ''):>8} {'COMM' + (mark if view.sort == 'comm' else ''):<16}"
+    if view.by == "group":
+        head = f"{'GROUP' + (mark if view.sort in ('pid', 'comm') else ''):<25}"
     units = " " * 25
     for name, _ in COLUMNS:
         head += f"{name + (mark if view.sort == name else ''):>{CELL}}"
@@ -143,13 +160,14 @@ def render(cur: Snapshot | None, prev: Snapshot | None, view: View, width: int, 
     if cur is not None:
         per_second = rates(prev, cur)
         pids = [p for p in cur.rows if view.comm_filter.lower() in cur.rows[p][0].lower()]
-        lines += [_row(p, cur.rows[p], per_second[p]) for p in _sorted(pids, cur, per_second, view)]
+        by_group = view.by == "group"
+        lines += [_row(p, cur.rows[p], per_second[p], by_group) for p in _sorted(pids, cur, per_second, view)]
     return [line[:width] for line in lines[:height]]
 
 
-def _row(pid: int, entry: tuple[str, dict[str, int]], per_second: dict[str, float | None]) -> str:
+def _row(pid: int, entry: tuple[str, dict[str, int]], per_second: dict[str, float | None], group: bool) -> str:
     comm, counters = entry
-    out = f"{pid:>8} {comm[:16]:<16}"
+    out = f"{comm[:24]:<25}" if group else f"{pid:>8} {comm[:16]:<16}"
     for name, key in COLUMNS:
         rate = per_second[name]
         cell = f"{'-' if rate is None else human(rate)} {human(counters[key])}"
@@ -180,16 +198,26 @@ class Client:
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
             self._headers["Authorization"] = f"Basic {token}"
         self._context = context
+        self._group_ids: dict[str, int] = {}  # a group's row key, kept between snapshots for its rates
 
     def get(self, path: str) -> bytes:
         req = urllib.request.Request(self.url + path, headers=self._headers)
         with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT, context=self._context) as r:
             return bytes(r.read())
 
-    def snapshot(self, clock: Callable[[], float] = time.monotonic) -> Snapshot:
-        rows = parse_pids(self.get("/pids"))
-        at = clock()
-        info, lost = parse_metrics(self.get("/metrics").decode(errors="replace"))
+    def snapshot(self, clock: Callable[[], float] = time.monotonic, by: str = "pid") -> Snapshot:
+        if by == "group":
+            text = self.get("/metrics").decode(errors="replace")
+            at = clock()
+            rows = {}
+            for name, counters in sorted(parse_groups(text).items()):
+                key = self._group_ids.setdefault(name, len(self._group_ids) + 1)
+                rows[key] = (name, counters)
+        else:
+            rows = parse_pids(self.get("/pids"))
+            at = clock()
+            text = self.get("/metrics").decode(errors="replace")
+        info, lost = parse_metrics(text)
         return Snapshot(at, rows, info, lost)
 
 
@@ -252,6 +280,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     p.add_argument("--sort", default="kmalloc", choices=SORT_KEYS, help="the sort column (default kmalloc)")
+    p.add_argument("--by", default="pid", choices=("pid", "group"), help="a row per process or per workload group")
     p.add_argument("--once", action="store_true", help="print one snapshot as text and exit (also without a TTY)")
     args = p.parse_args(argv)
     if not 0.1 <= args.interval <= 3600:
@@ -262,9 +291,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def once(client: Client, view: View, interval: float, out: Any, width: int = 400) -> int:
     """Two snapshots interval apart, the second printed with the rates between them."""
     try:
-        prev = client.snapshot()
+        prev = client.snapshot(by=view.by)
         time.sleep(interval)
-        cur = client.snapshot()
+        cur = client.snapshot(by=view.by)
     except (OSError, ValueError, KeyError) as e:
         print(f"tracer-exporter top: {fetch_error(client.url, e)[: -len('; retrying')]}", file=sys.stderr)
         return 1
@@ -284,7 +313,7 @@ def live(client: Client, view: View, interval: float) -> int:
         while True:
             if not view.paused and time.monotonic() >= next_fetch:
                 try:
-                    snap = client.snapshot()
+                    snap = client.snapshot(by=view.by)
                     prev, cur, view.message = cur, snap, ""
                 except (OSError, ValueError, KeyError) as e:
                     view.message = fetch_error(client.url, e)
@@ -333,7 +362,7 @@ def main(argv: Sequence[str]) -> int:
     except (OSError, ValueError) as e:
         print(f"tracer-exporter top: {e}", file=sys.stderr)
         return 2
-    view = View(sort=args.sort, descending=args.sort not in ("pid", "comm"))
+    view = View(sort=args.sort, descending=args.sort not in ("pid", "comm"), by=args.by)
     if args.once or not sys.stdout.isatty():
         return once(client, view, args.interval, sys.stdout)
     return live(client, view, args.interval)
