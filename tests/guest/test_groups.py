@@ -263,6 +263,8 @@ def test_cgroup_members_moved_forked_removed_and_created_again(grouped):
     a.updown(100)  # before it is in the cgroup: not the group's
     move(a.pid, CGROUP)
     assert a.pid in members(grouped, "api")
+    # Its own name, not that of the process that moved it.
+    assert grouped.comm(a.pid) == Path(sys.executable).name[:15]
     a.updown(3)
     # A cgroup made below the selected one is in the subtree; a child forked there is a member.
     (CGROUP / "child").mkdir()

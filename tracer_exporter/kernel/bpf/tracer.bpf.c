@@ -567,13 +567,19 @@ static __always_inline void untrack(u32 tgid, struct counters *c)
 	}
 }
 
-/* A new member with these flags; the limit counts against its group. */
-static __always_inline void join(u32 tgid, u32 flags)
+/*
+ * A new member with these flags; the limit counts against its group. @comm
+ * is its name where it is not the current task (NULL: it is).
+ */
+static __always_inline void join(u32 tgid, u32 flags, const void *comm)
 {
 	struct counters c = {};
 
 	c.flags = flags;
-	bpf_get_current_comm(&c.comm, sizeof(c.comm));
+	if (comm)
+		bpf_probe_read_kernel_str(&c.comm, sizeof(c.comm), comm);
+	else
+		bpf_get_current_comm(&c.comm, sizeof(c.comm));
 	tracked_slot_add(tgid, 1);
 	if (tracked.insert(&tgid, &c)) {
 		tracked_slot_add(tgid, -1);
@@ -586,20 +592,20 @@ static __always_inline void join(u32 tgid, u32 flags)
  * joins the one it matches now (0: none). A process tracked any other way
  * (by pid, by following a fork) stays as it is.
  */
-static __always_inline void rematch(u32 tgid, u32 want, u32 by)
+static __always_inline void rematch(u32 tgid, u32 want, u32 by, const void *comm)
 {
 	struct counters *c = maybe_tracked(tgid) ? tracked.lookup(&tgid) : NULL;
 
 	if (!c) {
 		if (want)
-			join(tgid, want);
+			join(tgid, want, comm);
 		return;
 	}
 	if (!(c->flags & by) || group_of(c->flags) == group_of(want))
 		return;
 	untrack(tgid, c);
 	if (want)
-		join(tgid, want);
+		join(tgid, want, comm);
 }
 
 /*
@@ -733,7 +739,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	int zero = 0;
 	u32 *cmdline = settings.lookup(&zero);
 
-	rematch(tgid, want, TRACK_BY_EXEC);
+	rematch(tgid, want, TRACK_BY_EXEC, NULL);
 	/* The cmdline selectors are user space's: it reads /proc/<tgid>/cmdline. */
 	if (!want && cmdline && *cmdline)
 		exec_events.perf_submit(args, &tgid, sizeof(tgid));
@@ -743,14 +749,15 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 /*
  * A process moved into or out of a selected cgroup (cgroup v2) joins or
  * leaves its group. The event carries the thread group's leader: its pid
- * is the process's.
+ * is the process's. The current task is the one that moved it.
  */
 TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
 {
 	u64 id = args->dst_id;
 	u32 *want = cgroup_ids.lookup(&id);
 
-	rematch(args->pid, want ? *want : 0, TRACK_BY_CGROUP);
+	rematch(args->pid, want ? *want : 0, TRACK_BY_CGROUP,
+		(void *)args + (args->data_loc_comm & 0xFFFF));
 	return 0;
 }
 
