@@ -13,6 +13,7 @@ lines: the targets are on those; the first one's time is printed.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import subprocess
 import time
@@ -35,10 +36,9 @@ def cpu_ns(pid: int) -> int:
     """Time on CPU of every thread of pid, in ns (schedstat, not tick-sampled)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
+        # A thread that ended meanwhile (a request's): its time is not in an idle window.
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # a thread that ended meanwhile (a request's): its time is not in an idle window
     return total
 
 
