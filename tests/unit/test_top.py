@@ -183,11 +183,14 @@ def test_bad_flags_are_refused():
         top.parse_args(["--sort", "bogus"])
 
 
-GROUP_METRICS = METRICS + """tracer_group_kmalloc_calls_total{group="web"} 40.0
+GROUP_METRICS = (
+    METRICS
+    + """tracer_group_kmalloc_calls_total{group="web"} 40.0
 tracer_group_up_calls_total{group="web"} 7.0
 tracer_group_kmalloc_calls_total{group="api"} 5.0
 tracer_group_processes{group="web"} 2.0
 """
+)
 
 
 def test_by_group_rows_come_from_the_group_counters():
