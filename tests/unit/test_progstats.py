@@ -49,6 +49,7 @@ def test_each_program_is_labelled_with_its_function():
         "kfunc__kfree",  # older bcc
         "tracepoint__sched__sched_process_exit",
         "raw_tracepoint__sched_process_fork",
+        "tracepoint__cgroup__cgroup_attach_task",
         "kfunc__vmlinux__vfs_read",  # not ours
         "a_helper",
     ]
@@ -61,4 +62,5 @@ def test_each_program_is_labelled_with_its_function():
         "kfunc__kfree": "kfree",
         "tracepoint__sched__sched_process_exit": "sched_process_exit",
         "raw_tracepoint__sched_process_fork": "sched_process_fork",
+        "tracepoint__cgroup__cgroup_attach_task": "cgroup_attach_task",
     }

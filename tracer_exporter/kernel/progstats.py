@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 FENTRY_NAME = re.compile(r"k(?:ret)?func__(?:vmlinux__)?(\w+)")  # BCC's KFUNC_PROBE/KRETFUNC_PROBE names
-TRACEPOINT_NAME = re.compile(r"(?:raw_)?tracepoint__(?:\w+?__)?(sched_process_\w+)")
+TRACEPOINT_NAME = re.compile(r"(?:raw_)?tracepoint__(?:\w+?__)?(\w+)")
 
 
 def parse_recursion_misses(fdinfo: str) -> int | None:
