@@ -23,7 +23,7 @@ from tracer_exporter.kernel.contract import (
 )
 from tracer_exporter.kernel.maps import entry_of
 from tracer_exporter.kernel.preempt import Unpreempted
-from tracer_exporter.model.counters import Counts
+from tracer_exporter.model.counters import Counts, add_counts
 from tracer_exporter.model.groups import GroupSpec
 from tracer_exporter.model.selectors import Selector
 
@@ -128,8 +128,7 @@ class KernelGroups:
     def untracked(self, group: int, counts: Counts) -> None:
         """A member user space stopped counting: its counts stay in its group."""
         with self._lock:
-            old = self._left.get(group, Counts())
-            self._left[group] = Counts(*(a + b for a, b in zip(old, counts)))
+            self._left[group] = add_counts(self._left.get(group, Counts()), counts)
 
     def left_totals(self) -> dict[int, Counts]:
         t = self._totals
@@ -137,8 +136,7 @@ class KernelGroups:
             out = {g: entry_of(t[t.Key(g)]).counts for g in self._ids}  # type: ignore[index]
         with self._lock:
             for g, c in self._left.items():
-                base = out.get(g, Counts())
-                out[g] = Counts(*(a + b for a, b in zip(base, c)))
+                out[g] = add_counts(out.get(g, Counts()), c)
         return out
 
     def group_dropped(self) -> dict[int, int]:

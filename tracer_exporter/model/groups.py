@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
-from tracer_exporter.model.counters import Counts, Row
+from tracer_exporter.model.counters import Counts, Row, add_counts
 from tracer_exporter.model.procfs import Identity
 from tracer_exporter.model.selectors import Selector, match, unit_path
 from tracer_exporter.model.tracking import LimitReached, Tracker, TrackError
@@ -64,10 +64,6 @@ def systemd_unit_path(unit: str) -> str:
         out = ""
     props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     return unit_path(unit, props.get("ControlGroup", ""), props.get("Slice", ""))
-
-
-def _add(a: Counts, b: Counts) -> Counts:
-    return Counts(*(x + y for x, y in zip(a, b)))
 
 
 class Groups:
@@ -198,7 +194,7 @@ class Groups:
                 name = spec.selector.name
                 total = left.get(spec.id, Counts())
                 for r in live.get(name, ()):
-                    total = _add(total, r.counts)
+                    total = add_counts(total, r.counts)
                 # A member counted after it left the map and before its counts were folded
                 # would read short for an instant: a group never shows less than before.
                 last = self._last.get(name)
