@@ -96,7 +96,8 @@ class ExecEvents:
         """Before dropping capabilities, as FollowDrops.open: a reload may add a cmdline selector."""
         if self._open:
             return
-        self._bpf["exec_events"].open_perf_buffer(self._on_event, page_cnt=64, lost_cb=self._on_lost)  # type: ignore[index]
+        # 16 pages a CPU: thousands of 4-byte events between two reads, little memory.
+        self._bpf["exec_events"].open_perf_buffer(self._on_event, page_cnt=16, lost_cb=self._on_lost)  # type: ignore[index]
         self._open = True
 
     def _on_event(self, _cpu: int, data: int, _size: int) -> None:
