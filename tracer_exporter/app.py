@@ -52,7 +52,7 @@ def build(
         g = groups
 
         def group_rows() -> list[GroupRow]:
-            return g.rows(tracker.rows())
+            return g.rows(tracker.rows)
 
     collector = TracerCollector(
         tracker.rows, health, __version__, platform.release(), processes=False, groups=group_rows

@@ -140,15 +140,15 @@ def test_group_totals_add_members_that_left_and_never_go_back():
     backend.maps[10] = Counts(up_calls=3)
     backend.maps[11] = Counts(up_calls=4)
     kernel.left[1] = Counts(up_calls=10)
-    (g,) = groups.rows(tracker.rows())
+    (g,) = groups.rows(tracker.rows)
     assert (g.name, g.counts.up_calls, g.processes, g.dropped) == ("web", 17, 2, 0)
     # 11 exited: the kernel deleted its row before folding it in; a scrape in between reads it short.
     del backend.maps[11]
-    (g,) = groups.rows(tracker.rows())
+    (g,) = groups.rows(tracker.rows)
     assert g.counts.up_calls == 17 and g.processes == 1
     kernel.left[1] = Counts(up_calls=14)
     backend.maps[10] = Counts(up_calls=5)
-    (g,) = groups.rows(tracker.rows())
+    (g,) = groups.rows(tracker.rows)
     assert g.counts.up_calls == 19
 
 
@@ -168,7 +168,7 @@ def test_a_reload_keeps_ids_by_name_and_stops_counting_removed_groups():
     groups.configure(parse_config({"select": [{"name": "cache", "comm": "redis"}]}).select)
     assert [(s.id, s.selector.name) for s in kernel.specs] == [(2, "cache")]
     assert {r.pid: r.group for r in tracker.rows()} == {20: "cache"}
-    assert [g.name for g in groups.rows(tracker.rows())] == ["cache"]
+    assert [g.name for g in groups.rows(tracker.rows)] == ["cache"]
 
 
 def test_the_group_table_and_families():

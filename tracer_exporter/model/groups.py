@@ -178,10 +178,13 @@ class Groups:
         hidden = self._hidden
         return [r for r in rows if r.group not in hidden] if hidden else rows
 
-    def rows(self, rows: list[Row]) -> list[GroupRow]:
-        """Each group's totals: members now, plus what members that left counted."""
+    def rows(self, read: Callable[[], list[Row]]) -> list[GroupRow]:
+        """Each group's totals: members now (read() gives the tracked rows, called only
+        when there are groups: a scrape without them reads the map once), plus what
+        members that left counted."""
         if self._backend is None or not self._specs:
             return []
+        rows = read()
         left = self._backend.left_totals()
         dropped = self._backend.group_dropped()
         live: dict[str, list[Row]] = {}
