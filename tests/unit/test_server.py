@@ -215,3 +215,22 @@ def test_a_stalled_tls_handshake_is_closed_at_the_deadline(monkeypatch, tmp_path
             assert time.monotonic() - start < 5.0
     finally:
         s.stop()
+
+
+def test_a_cancelled_deadline_does_not_wake_the_idle_watchdog_later():
+    deadlines = server_mod.Deadlines()
+    a, b = socket.socketpair()
+    try:
+        key = deadlines.add(a, 3600.0)
+        time.sleep(0.2)  # the watchdog now sleeps until that deadline
+        deadlines.cancel(key)
+        # The watchdog drops it now, and then sleeps with nothing pending; left in the
+        # heap, it would wake at its deadline in an exporter with no request at all.
+        until = time.monotonic() + 5
+        while deadlines._heap and time.monotonic() < until:
+            time.sleep(0.01)
+        assert deadlines._heap == []
+        assert a.send(b"x") == 1  # not shut
+    finally:
+        a.close()
+        b.close()

@@ -91,6 +91,9 @@ class Deadlines:
     def cancel(self, key: int) -> None:
         with self._cond:
             self._socks.pop(key, None)
+            if self._heap and self._heap[0][1] == key:
+                # Else the thread would wake at this deadline, long after the request, in an idle exporter.
+                self._cond.notify()
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Runs fn in this thread (for per-thread state: capabilities)."""
