@@ -18,11 +18,12 @@ VM := tests/vm/run
 
 test: setup lint unit guest
 
-# Only what the demo needs: the guest's tools and the venv (for `top`), not the test tools.
-run: $(VENV)/.installed guest-tools
+# Only what the demo needs: the guest's tools and a bare venv (`top` is the standard
+# library's), not the test tools.
+run: $(VENV)/bin/python guest-tools
 	scripts/run-exporter
 
-# Host prerequisites (QEMU, debootstrap, ...) and the Python tools.
+# Host prerequisites (QEMU, mmdebstrap, ...) and the Python tools.
 setup: $(VENV)/.installed host-tools guest-tools
 
 guest-tools:
@@ -35,8 +36,10 @@ host-tools:
 	@missing=; for t in $(HOST_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	scripts/apt-install $$missing
 
-$(VENV)/.installed: requirements-dev.txt
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: requirements-dev.txt | $(VENV)/bin/python
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
