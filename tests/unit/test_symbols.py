@@ -106,7 +106,12 @@ def test_parse_kallsyms_keeps_core_text_symbols():
         "ffffffff82000000 D some_data\n"
         "ffffffffc0000000 t helper\t[tracer_workload]\n"
     )
-    assert parse_kallsyms(text) == {"_stext", "__kmalloc", "kmalloc_large"}
+    syms = parse_kallsyms(text)
+    assert all(name in syms for name in ("_stext", "__kmalloc", "kmalloc_large"))
+    # Data, a module's function, a prefix or suffix of a name: not core text symbols.
+    assert not any(name in syms for name in ("some_data", "helper", "__kmal", "kmalloc", "large", "_text"))
+    assert "_stext" in parse_kallsyms(text + "ffffffff81000010 T last_without_newline")
+    assert "last_without_newline" in parse_kallsyms(text + "ffffffff81000010 T last_without_newline")
 
 
 def test_missing_records_what_was_tried():
