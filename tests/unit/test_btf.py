@@ -109,3 +109,19 @@ def test_an_unknown_kind_is_an_error():
     b.add("future", 30, 0, 0)
     with pytest.raises(btf.BTFError, match="unknown kind 30 at type 1"):
         btf.BTF(b.blob())
+
+
+def test_a_cut_or_misaligned_type_section_is_an_error():
+    b = Builder()
+    b.int_("int", 4)
+    b.struct_("s", [("a", 1, 0), ("b", 1, 32)])
+    b.types = b.types[:-12]  # the struct says 2 members; the section holds 1
+    with pytest.raises(btf.BTFError, match="runs past the type section"):
+        btf.BTF(b.blob())
+    b.types += b"\0\0"
+    with pytest.raises(btf.BTFError, match="not whole 32-bit words"):
+        btf.BTF(b.blob())
+    # A header that claims more types than the data holds.
+    header = struct.pack("<HBBIIIII", btf.MAGIC, 1, 0, 24, 0, 1200, 1200, 1)
+    with pytest.raises(btf.BTFError, match="ends at byte 1224, past the data's 36"):
+        btf.BTF(header + b"\0" * 12)

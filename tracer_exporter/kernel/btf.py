@@ -59,8 +59,10 @@ class BTF:
         if magic != MAGIC:
             raise BTFError(f"bad magic {magic:#x}")
         start = hdr_len + type_off
-        if start % 4 or type_len % 4 or start + type_len > len(data):
+        if start % 4 or type_len % 4:
             raise BTFError("the type section is not whole 32-bit words")
+        if start + type_len > len(data):
+            raise BTFError(f"the type section ends at byte {start + type_len}, past the data's {len(data)}")
         self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
         # Little-endian words: BTF is in the kernel's byte order, and we run on x86-64.
         self._words = memoryview(data)[start : start + type_len].cast("I")
